@@ -1,0 +1,42 @@
+# Two commands do all setup: `make up` runs the local stack, `make test` runs the whole suite.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export REFIT_DATA_DIR ?= $(CURDIR)/.refit
+
+.PHONY: install gen up down status test lint bench clean
+
+install: $(VENV)/.installed gen
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# Pinned first: these two come from the machine's wheel mirror; others would download GBs.
+	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	bash deploy/install-system-deps.sh
+	touch $@
+
+gen: $(VENV)/.installed
+	$(PY) proto/generate.py
+
+up: install
+	$(PY) -m refit.stack up
+
+down:
+	$(PY) -m refit.stack down
+
+status:
+	$(PY) -m refit.stack status
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf build $(VENV) refit/v1/*_pb2*.py service/torchserve_api/*_pb2*.py

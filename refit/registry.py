@@ -1,0 +1,114 @@
+"""Model registry: versions, defaults, metrics and lineage, stored as JSON in the object store.
+
+Layout in the refit bucket:
+    registry/<model>/versions/<version>.json   one record per published version (immutable)
+    registry/<model>/default.json             {"version": "..."}
+    archives/<model>/<sha256>.mar             the archive each record points to
+The object store is the source of truth; TorchServe is reconciled from it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from refit.storage import ObjectStore
+
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class RegistryError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ModelNotFound(RegistryError):
+    pass
+
+
+class InvalidModelName(RegistryError):
+    pass
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    model: str
+    version: str
+    archive_key: str
+    class_names: list[str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    lineage: dict = field(default_factory=dict)
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> VersionRecord:
+        return cls(**json.loads(data))
+
+
+def check_model_name(name: str) -> str:
+    if not MODEL_NAME.match(name):
+        raise InvalidModelName(
+            f"invalid model name {name!r}: use 1-63 lowercase letters, digits, '-' or '_'"
+        )
+    return name
+
+
+class Registry:
+    def __init__(self, store: ObjectStore, bucket: str) -> None:
+        self.store = store
+        self.bucket = bucket
+
+    def models(self) -> list[str]:
+        names = {info.key.split("/")[1] for info in self.store.list(self.bucket, "registry/")}
+        return sorted(names)
+
+    def versions(self, model: str) -> list[VersionRecord]:
+        prefix = f"registry/{check_model_name(model)}/versions/"
+        records = [
+            VersionRecord.from_json(self.store.get(self.bucket, info.key))
+            for info in self.store.list(self.bucket, prefix)
+            if info.key.endswith(".json")
+        ]
+        return sorted(records, key=lambda r: _version_order(r.version))
+
+    def get(self, model: str, version: str) -> VersionRecord:
+        key = f"registry/{check_model_name(model)}/versions/{version}.json"
+        if self.store.stat(self.bucket, key) is None:
+            raise ModelNotFound(f"model {model!r} has no version {version!r}")
+        return VersionRecord.from_json(self.store.get(self.bucket, key))
+
+    def default_version(self, model: str) -> str | None:
+        info = self.store.stat(self.bucket, self._default_key(model))
+        if info is None:
+            return None
+        return json.loads(self.store.get(self.bucket, self._default_key(model)))["version"]
+
+    def add(self, record: VersionRecord) -> None:
+        key = f"registry/{check_model_name(record.model)}/versions/{record.version}.json"
+        self.store.put(self.bucket, key, record.to_json())
+
+    def set_default(self, model: str, version: str) -> None:
+        self.get(model, version)  # must exist
+        payload = json.dumps({"version": version}).encode()
+        self.store.put(self.bucket, self._default_key(model), payload)
+
+    def next_version(self, model: str) -> str:
+        numbers = [int(r.version) for r in self.versions(model) if r.version.isdigit()]
+        return str(max(numbers, default=0) + 1)
+
+    @staticmethod
+    def archive_key(model: str, digest: str) -> str:
+        return f"archives/{check_model_name(model)}/{digest}.mar"
+
+    def _default_key(self, model: str) -> str:
+        return f"registry/{check_model_name(model)}/default.json"
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (1 << 62, version)

@@ -1,0 +1,1 @@
+"""The trainer: streams datasets, fine-tunes, exports and packages models. Never serves."""

@@ -1,0 +1,64 @@
+"""Publish the base model: ImageNet EfficientNet-Lite0 as model ``imagenet``, version 1.
+
+Idempotent: when the registry already has a default for the model, nothing is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+from refit.registry import Registry, VersionRecord
+from refit.storage import ObjectStore, StorageSettings
+from trainer.backbones import efficientnet_lite0_imagenet
+from trainer.package import Preprocessing, build_archive
+
+BASE_MODEL = "imagenet"
+
+
+def publish_base_model(store: ObjectStore, bucket: str, model_name: str = BASE_MODEL) -> VersionRecord:
+    registry = Registry(store, bucket)
+    store.ensure_bucket(bucket)
+    current = registry.default_version(model_name)
+    if current is not None:
+        return registry.get(model_name, current)
+    version = registry.next_version(model_name)
+    class_names = list(_IMAGENET_CATEGORIES)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = build_archive(
+            efficientnet_lite0_imagenet(),
+            model_name=model_name,
+            version=version,
+            class_names=class_names,
+            preprocessing=Preprocessing(),
+            metadata={"backbone": "efficientnet_lite0"},
+            out_dir=Path(tmp),
+        )
+        key = Registry.archive_key(model_name, archive.digest)
+        store.put_file(bucket, key, archive.path)
+    record = VersionRecord(
+        model=model_name,
+        version=version,
+        archive_key=key,
+        class_names=class_names,
+        lineage={"backbone": "efficientnet_lite0", "dataset_uri": "imagenet-1k (pretrained)"},
+    )
+    registry.add(record)
+    registry.set_default(model_name, version)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bucket", default="refit")
+    parser.add_argument("--model", default=BASE_MODEL)
+    args = parser.parse_args(argv)
+    record = publish_base_model(StorageSettings.from_env().open(), args.bucket, args.model)
+    print(f"{record.model} v{record.version}: {record.archive_key}")
+
+
+if __name__ == "__main__":
+    main()

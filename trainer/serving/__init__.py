@@ -1,0 +1,1 @@
+"""What refit ships inside every model archive (.mar): the TorchServe handler."""

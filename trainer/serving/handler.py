@@ -1,0 +1,87 @@
+"""TorchServe handler packaged into every refit model archive.
+
+Self-contained on purpose: it runs inside TorchServe's workers, where refit is not installed.
+Each request carries ``data`` (encoded image bytes) and optionally ``top_k``; each answer is JSON,
+either ``{"predictions": [{"index", "label", "score"}, ...]}`` or ``{"error": "..."}`` for an image
+that cannot be decoded, so one bad image never fails the rest of a batch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+from ts.torch_handler.base_handler import BaseHandler
+
+META_FILE = "refit.json"
+
+
+class RefitImageClassifier(BaseHandler):
+    def initialize(self, context) -> None:  # noqa: ANN001 - TorchServe's Context
+        super().initialize(context)
+        model_dir = context.system_properties["model_dir"]
+        with open(os.path.join(model_dir, META_FILE)) as f:
+            meta = json.load(f)
+        self.class_names: list[str] = meta["class_names"]
+        self.transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(meta["resize_size"], antialias=True),
+                v2.CenterCrop(meta["crop_size"]),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(meta["mean"], meta["std"]),
+            ]
+        )
+
+    def preprocess(self, data: list[dict]) -> tuple[torch.Tensor | None, list]:
+        tensors, outcomes = [], []
+        for row in data:
+            try:
+                tensors.append(self.transform(decode(row.get("data") or row.get("body"))))
+                outcomes.append(top_k(row))
+            except (OSError, UnidentifiedImageError, ValueError) as exc:
+                outcomes.append({"error": f"cannot decode image: {exc}"})
+        batch = torch.stack(tensors).to(self.device) if tensors else None
+        return batch, outcomes
+
+    def inference(self, batch: tuple[torch.Tensor | None, list], *args, **kwargs) -> tuple:
+        images, outcomes = batch
+        if images is None:
+            return None, outcomes
+        with torch.inference_mode():
+            return torch.softmax(self.model(images).float(), dim=1), outcomes
+
+    def postprocess(self, output: tuple) -> list[str]:
+        probabilities, outcomes = output
+        answers, row = [], 0
+        for outcome in outcomes:
+            if isinstance(outcome, dict):
+                answers.append(json.dumps(outcome))
+                continue
+            k = min(outcome, len(self.class_names))
+            scores, indices = probabilities[row].topk(k)
+            row += 1
+            predictions = [
+                {"index": i, "label": self.class_names[i], "score": s}
+                for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
+            ]
+            answers.append(json.dumps({"predictions": predictions}))
+        return answers
+
+
+def decode(data: bytes | bytearray | None) -> Image.Image:
+    if not data:
+        raise ValueError("empty image")
+    image = Image.open(io.BytesIO(data))
+    image.load()  # forces a full decode: truncated files fail here
+    return image.convert("RGB")
+
+
+def top_k(row: dict) -> int:
+    raw = row.get("top_k")
+    value = int(raw.decode() if isinstance(raw, bytes | bytearray) else raw or 5)
+    return max(value, 1)
