@@ -112,7 +112,7 @@ class S3Store:
         return {"settings": self.settings, "_client": None}
 
     @property
-    def client(self):  # noqa: ANN201 - minio.Minio, imported lazily
+    def client(self):
         if self._client is None:
             from minio import Minio
 
@@ -184,7 +184,7 @@ class _translate:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:  # noqa: ANN001
+    def __exit__(self, exc_type, exc, tb) -> bool:
         from minio.error import S3Error
 
         if isinstance(exc, S3Error):

@@ -21,7 +21,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+def wait_for_port(
+    port: int, timeout: float = 30.0, process: subprocess.Popen | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:

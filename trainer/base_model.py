@@ -19,7 +19,9 @@ from trainer.package import Preprocessing, build_archive
 BASE_MODEL = "imagenet"
 
 
-def publish_base_model(store: ObjectStore, bucket: str, model_name: str = BASE_MODEL) -> VersionRecord:
+def publish_base_model(
+    store: ObjectStore, bucket: str, model_name: str = BASE_MODEL
+) -> VersionRecord:
     registry = Registry(store, bucket)
     store.ensure_bucket(bucket)
     current = registry.default_version(model_name)

@@ -37,7 +37,9 @@ class Archive:
     digest: str  # sha256 hex of the archive bytes
 
 
-def export_torchscript(model: torch.nn.Module, crop_size: int, atol: float = 1e-4) -> torch.jit.ScriptModule:
+def export_torchscript(
+    model: torch.nn.Module, crop_size: int, atol: float = 1e-4
+) -> torch.jit.ScriptModule:
     """Trace ``model`` on CPU and check the traced outputs match eager ones."""
     model = model.eval().cpu()
     example = torch.rand(2, 3, crop_size, crop_size)

@@ -17,7 +17,9 @@ COMMAND_MODULES = {
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refit", description="Serve and retrain image classifiers.")
+    parser = argparse.ArgumentParser(
+        prog="refit", description="Serve and retrain image classifiers."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     modules = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else COMMAND_MODULES.values()
     for name in dict.fromkeys(modules):

@@ -21,7 +21,7 @@ META_FILE = "refit.json"
 
 
 class RefitImageClassifier(BaseHandler):
-    def initialize(self, context) -> None:  # noqa: ANN001 - TorchServe's Context
+    def initialize(self, context) -> None:
         super().initialize(context)
         model_dir = context.system_properties["model_dir"]
         with open(os.path.join(model_dir, META_FILE)) as f:

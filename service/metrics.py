@@ -1,0 +1,98 @@
+"""Every Prometheus metric of the service, in one place. Labels are bounded: no request ids."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from service.errors import wrap_handler
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SIZE_BUCKETS = tuple(2**i for i in range(10, 25, 2))  # 1 KiB .. 16 MiB
+
+RPC_REQUESTS = Counter(
+    "refit_rpc_requests_total",
+    "gRPC requests handled, by method and status code",
+    ["method", "code"],
+)
+RPC_LATENCY = Histogram(
+    "refit_rpc_latency_seconds", "gRPC handling time", ["method"], buckets=LATENCY_BUCKETS
+)
+RPC_IN_FLIGHT = Gauge("refit_rpc_in_flight", "gRPC requests being handled now", ["method"])
+UPSTREAM_LATENCY = Histogram(
+    "refit_upstream_latency_seconds",
+    "TorchServe call time, by call",
+    ["call"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_ERRORS = Counter(
+    "refit_upstream_errors_total",
+    "TorchServe calls that failed, by call and code",
+    ["call", "code"],
+)
+PREDICTIONS = Counter(
+    "refit_predictions_total", "Images classified, by model and version", ["model", "version"]
+)
+PAYLOAD_BYTES = Histogram(
+    "refit_request_payload_bytes", "Image bytes per request", ["method"], buckets=SIZE_BUCKETS
+)
+MODEL_VERSIONS = Gauge("refit_model_versions", "Published versions per model", ["model"])
+MODEL_DEFAULT = Gauge(
+    "refit_model_default_version_info", "1 for each model's default version", ["model", "version"]
+)
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every RPC by method and final status code, and times it."""
+
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        handler = continuation(handler_call_details)
+        return wrap_handler(
+            handler, lambda b: _observe_unary(b, method), lambda b: _observe_stream(b, method)
+        )
+
+
+def _observe_unary(behavior: Callable, method: str) -> Callable:
+    def observed(request: Any, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        RPC_IN_FLIGHT.labels(method).inc()
+        try:
+            return behavior(request, context)
+        finally:
+            _record(method, context, start)
+
+    return observed
+
+
+def _observe_stream(behavior: Callable, method: str) -> Callable:
+    def observed(request: Any, context: grpc.ServicerContext) -> Iterator:
+        start = time.perf_counter()
+        RPC_IN_FLIGHT.labels(method).inc()
+        try:
+            yield from behavior(request, context)
+        finally:
+            _record(method, context, start)
+
+    return observed
+
+
+def _record(method: str, context: grpc.ServicerContext, start: float) -> None:
+    RPC_IN_FLIGHT.labels(method).dec()
+    RPC_LATENCY.labels(method).observe(time.perf_counter() - start)
+    code = context.code() or grpc.StatusCode.OK
+    RPC_REQUESTS.labels(method, code.name).inc()
+
+
+def observe_models(versions: dict[str, int], defaults: dict[str, str]) -> None:
+    """Publishes the registry's shape: versions per model and each default version."""
+    MODEL_VERSIONS.clear()
+    MODEL_DEFAULT.clear()
+    for model, count in versions.items():
+        MODEL_VERSIONS.labels(model).set(count)
+    for model, version in defaults.items():
+        MODEL_DEFAULT.labels(model, version).set(1)

@@ -1,0 +1,101 @@
+"""Predict: validate the image, pick the model version, ask TorchServe, shape the answer."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from refit.registry import check_model_name
+from service.catalog import ModelCatalog
+from service.config import ServiceSettings
+from service.errors import InvalidArgument
+from service.images import inspect_image
+from service.metrics import PREDICTIONS
+from service.torchserve import TorchServeClient
+
+DEFAULT_TOP_K = 5
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    index: int
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    model: str
+    version: str
+    predictions: list[Prediction]
+
+
+class Predictor:
+    def __init__(
+        self, settings: ServiceSettings, catalog: ModelCatalog, torchserve: TorchServeClient
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.torchserve = torchserve
+
+    def predict(
+        self,
+        image: bytes,
+        model: str,
+        version: str = "",
+        top_k: int = 0,
+        timeout_s: float | None = None,
+    ) -> PredictResult:
+        if not model:
+            raise InvalidArgument("model is required, e.g. 'imagenet'; `refit models` lists them")
+        check_model_name(model)
+        inspect_image(
+            image,
+            max_bytes=self.settings.max_image_bytes,
+            max_pixels=self.settings.max_image_pixels,
+        )
+        record = self.catalog.resolve(model, version)
+        k = min(top_k or DEFAULT_TOP_K, len(record.class_names))
+        answer = self.torchserve.predict(model, record.version, image, k, timeout_s)
+        if "error" in answer:
+            raise InvalidArgument(f"image could not be decoded: {answer['error']}")
+        PREDICTIONS.labels(model, record.version).inc()
+        predictions = [
+            Prediction(p["label"], p["score"], p["index"]) for p in answer["predictions"]
+        ]
+        return PredictResult(model, record.version, predictions)
+
+
+def ordered_map(
+    fn: Callable[[In], Out], items: Iterable[In], pool: ThreadPoolExecutor, window: int
+) -> Iterator[Out]:
+    """Applies ``fn`` to up to ``window`` items at once; yields results in input order.
+
+    A reader thread pulls items, so a client that waits for each answer before sending the next
+    item is served as promptly as one that sends everything up front.
+    """
+    slots = threading.Semaphore(window)
+    futures: queue.Queue[Future | BaseException | None] = queue.Queue()
+
+    def read() -> None:
+        try:
+            for item in items:
+                slots.acquire()
+                futures.put(pool.submit(fn, item))
+        except BaseException as exc:
+            futures.put(exc)
+        futures.put(None)
+
+    threading.Thread(target=read, daemon=True, name="ordered-map-reader").start()
+    while (future := futures.get()) is not None:
+        if isinstance(future, BaseException):
+            raise future
+        result = future.result()
+        slots.release()
+        yield result

@@ -1,0 +1,116 @@
+"""Builds and runs the refit gRPC server: ``python -m service.server``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from refit.registry import Registry
+from refit.v1 import refit_pb2, refit_pb2_grpc
+from service.catalog import ModelCatalog, Reconciler
+from service.config import ServiceSettings
+from service.errors import ErrorInterceptor
+from service.metrics import MetricsInterceptor
+from service.predictions import Predictor
+from service.servicer import RefitServicer
+from service.torchserve import TorchServeClient
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = refit_pb2.DESCRIPTOR.services_by_name["Refit"].full_name
+MESSAGE_OVERHEAD = 64 << 10  # room for the fields around the image
+
+
+@dataclass
+class RefitServer:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    reconciler: Reconciler
+    torchserve: TorchServeClient
+    stop_event: threading.Event
+
+    def start(self, reconcile_interval_s: float) -> None:
+        self.server.start()
+        threading.Thread(target=self._watch_health, daemon=True, name="health").start()
+        threading.Thread(
+            target=self.reconciler.run_forever,
+            args=(reconcile_interval_s, self.stop_event),
+            daemon=True,
+            name="reconciler",
+        ).start()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.stop_event.set()
+        self.server.stop(grace_s).wait()
+        self.torchserve.close()
+
+    def _watch_health(self) -> None:
+        """SERVING once TorchServe holds every published version; NOT_SERVING while it does not."""
+        while not self.stop_event.is_set():
+            ready = self.reconciler.healthy.is_set()
+            status = health_pb2.HealthCheckResponse
+            self._set_health(status.SERVING if ready else status.NOT_SERVING)
+            self.stop_event.wait(0.2)
+
+    def _set_health(self, status: int) -> None:
+        self.health.set("", status)
+        self.health.set(SERVICE_NAME, status)
+
+
+def build_server(settings: ServiceSettings) -> RefitServer:
+    store = settings.storage.open()
+    store.ensure_bucket(settings.bucket)
+    catalog = ModelCatalog(Registry(store, settings.bucket))
+    torchserve = TorchServeClient(
+        settings.torchserve_inference,
+        settings.torchserve_management,
+        timeout_s=settings.upstream_timeout_s,
+        register_timeout_s=settings.register_timeout_s,
+    )
+    predictor = Predictor(settings, catalog, torchserve)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="grpc"),
+        interceptors=[MetricsInterceptor(), ErrorInterceptor()],
+        options=[("grpc.max_receive_message_length", settings.max_image_bytes + MESSAGE_OVERHEAD)],
+    )
+    refit_pb2_grpc.add_RefitServicer_to_server(
+        RefitServicer(predictor, catalog, settings.stream_window), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(settings.grpc_address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC address {settings.grpc_address}")
+    reconciler = Reconciler(catalog, store, settings.bucket, torchserve)
+    return RefitServer(server, port, health_servicer, reconciler, torchserve, threading.Event())
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = ServiceSettings.from_env()
+    host, _, port = settings.metrics_address.rpartition(":")
+    start_http_server(int(port), addr=host)
+    refit = build_server(settings)
+    refit.start(settings.reconcile_interval_s)
+    log.info("refit service on %s (metrics on %s)", settings.grpc_address, settings.metrics_address)
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    refit.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Thin gRPC servicer: proto <-> domain conversion only; errors are mapped by ErrorInterceptor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from refit.registry import VersionRecord
+from refit.v1 import refit_pb2 as pb
+from refit.v1 import refit_pb2_grpc
+from service.catalog import ModelCatalog, ModelEntry
+from service.errors import to_status
+from service.predictions import Predictor, PredictResult, ordered_map
+
+
+class RefitServicer(refit_pb2_grpc.RefitServicer):
+    def __init__(self, predictor: Predictor, catalog: ModelCatalog, stream_window: int) -> None:
+        self.predictor = predictor
+        self.catalog = catalog
+        self.stream_window = stream_window
+        self._stream_pool = ThreadPoolExecutor(max_workers=4 * stream_window)
+
+    def Predict(
+        self, request: pb.PredictRequest, context: grpc.ServicerContext
+    ) -> pb.PredictResponse:
+        result = self._predict(request, context)
+        return _predict_response(request.request_id, result)
+
+    def PredictStream(
+        self, requests: Iterator[pb.PredictRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.PredictResponse]:
+        def answer(request: pb.PredictRequest) -> pb.PredictResponse:
+            try:
+                return _predict_response(request.request_id, self._predict(request, context))
+            except Exception as exc:
+                code, message = to_status(exc)
+                error = pb.Error(code=code.name, message=message)
+                return pb.PredictResponse(request_id=request.request_id, error=error)
+
+        yield from ordered_map(answer, requests, self._stream_pool, self.stream_window)
+
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[_model(e) for e in self.catalog.models()])
+
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.Model:
+        return _model(self.catalog.get(request.name))
+
+    def _predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> PredictResult:
+        return self.predictor.predict(
+            request.image,
+            request.model,
+            request.version,
+            request.top_k,
+            timeout_s=context.time_remaining(),
+        )
+
+
+def _predict_response(request_id: str, result: PredictResult) -> pb.PredictResponse:
+    return pb.PredictResponse(
+        request_id=request_id,
+        model=result.model,
+        version=result.version,
+        predictions=[
+            pb.Prediction(label=p.label, score=p.score, index=p.index) for p in result.predictions
+        ],
+    )
+
+
+def _model(entry: ModelEntry) -> pb.Model:
+    return pb.Model(
+        name=entry.name,
+        default_version=entry.default_version or "",
+        versions=[_version(r, r.version == entry.default_version) for r in entry.versions],
+    )
+
+
+def _version(record: VersionRecord, is_default: bool) -> pb.ModelVersion:
+    created = Timestamp()
+    created.FromDatetime(datetime.fromisoformat(record.created_at))
+    lineage = record.lineage
+    return pb.ModelVersion(
+        version=record.version,
+        is_default=is_default,
+        class_names=record.class_names,
+        metrics=record.metrics,
+        lineage=pb.Lineage(
+            backbone=lineage.get("backbone", ""),
+            base_version=str(lineage.get("base_version", "")),
+            dataset_uri=lineage.get("dataset_uri", ""),
+            dataset_digest=lineage.get("dataset_digest", ""),
+            dataset_objects=int(lineage.get("dataset_objects", 0)),
+            hyperparameters={k: str(v) for k, v in lineage.get("hyperparameters", {}).items()},
+            created_by=lineage.get("created_by", ""),
+            job_id=lineage.get("job_id", ""),
+        ),
+        created_at=created,
+        archive_key=record.archive_key,
+        state="serving" if is_default else "candidate",
+    )
