@@ -39,4 +39,4 @@ bench: install
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf build $(VENV) refit/v1/*_pb2*.py service/torchserve_api/*_pb2*.py
+	rm -rf build $(VENV) refit/v1/*_pb2*.py refit/torchserve_api/*_pb2*.py

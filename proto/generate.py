@@ -18,7 +18,7 @@ import ts
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
-TS_PACKAGE = "service/torchserve_api"
+TS_PACKAGE = "refit/torchserve_api"
 
 
 def run_protoc(include: list[Path], out: Path, files: list[Path]) -> None:

@@ -12,11 +12,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+from refit.errors import NotFound
 from refit.registry import ModelNotFound, Registry, VersionRecord, check_model_name
 from refit.storage import ObjectStore
+from refit.torchserve import TorchServeClient
 from service import metrics
-from service.errors import NotFound
-from service.torchserve import TorchServeClient
 
 log = logging.getLogger(__name__)
 MISS_REFRESH_INTERVAL_S = 1.0  # unknown names re-read the registry at most this often

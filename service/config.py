@@ -19,7 +19,7 @@ class ServiceSettings:
     bucket: str = "refit"
     max_image_bytes: int = 8 * MiB
     max_image_pixels: int = 40_000_000  # more decoded pixels than this: a decompression bomb
-    upstream_timeout_s: float = 10.0  # per TorchServe inference call, capped by the client deadline
+    upstream_timeout_s: float = 30.0  # per TorchServe inference call, capped by the client deadline
     register_timeout_s: float = 180.0  # registering a model starts a worker: seconds, not ms
     reconcile_interval_s: float = 30.0
     stream_window: int = 8  # PredictStream images in flight at once per call

@@ -12,38 +12,11 @@ from typing import Any
 
 import grpc
 
+from refit.errors import RefitError
 from refit.registry import InvalidModelName, ModelNotFound
 from refit.storage import StorageError
 
 log = logging.getLogger(__name__)
-
-
-class RefitError(Exception):
-    code = grpc.StatusCode.INTERNAL
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidArgument(RefitError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class PayloadTooLarge(RefitError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class NotFound(RefitError):
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class Unavailable(RefitError):
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class DeadlineExceeded(RefitError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 # Errors raised by shared modules (no gRPC there) and the status each one means.

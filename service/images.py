@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import InvalidArgument, PayloadTooLarge
+from refit.errors import InvalidArgument, PayloadTooLarge
 
 FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF"}
 _JPEG_END = b"\xff\xd9"

@@ -96,3 +96,10 @@ def observe_models(versions: dict[str, int], defaults: dict[str, str]) -> None:
         MODEL_VERSIONS.labels(model).set(count)
     for model, version in defaults.items():
         MODEL_DEFAULT.labels(model, version).set(1)
+
+
+def observe_upstream(call: str, seconds: float, error_code: str | None) -> None:
+    """TorchServeClient's observer: upstream latency and failures."""
+    UPSTREAM_LATENCY.labels(call).observe(seconds)
+    if error_code is not None:
+        UPSTREAM_ERRORS.labels(call, error_code).inc()

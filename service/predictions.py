@@ -9,13 +9,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from refit.errors import InvalidArgument
 from refit.registry import check_model_name
+from refit.torchserve import TorchServeClient
 from service.catalog import ModelCatalog
 from service.config import ServiceSettings
-from service.errors import InvalidArgument
 from service.images import inspect_image
 from service.metrics import PREDICTIONS
-from service.torchserve import TorchServeClient
 
 DEFAULT_TOP_K = 5
 In = TypeVar("In")

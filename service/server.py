@@ -14,14 +14,14 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from refit.registry import Registry
+from refit.torchserve import TorchServeClient
 from refit.v1 import refit_pb2, refit_pb2_grpc
 from service.catalog import ModelCatalog, Reconciler
 from service.config import ServiceSettings
 from service.errors import ErrorInterceptor
-from service.metrics import MetricsInterceptor
+from service.metrics import MetricsInterceptor, observe_upstream
 from service.predictions import Predictor
 from service.servicer import RefitServicer
-from service.torchserve import TorchServeClient
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = refit_pb2.DESCRIPTOR.services_by_name["Refit"].full_name
@@ -75,6 +75,7 @@ def build_server(settings: ServiceSettings) -> RefitServer:
         settings.torchserve_management,
         timeout_s=settings.upstream_timeout_s,
         register_timeout_s=settings.register_timeout_s,
+        observe=observe_upstream,
     )
     predictor = Predictor(settings, catalog, torchserve)
     server = grpc.server(

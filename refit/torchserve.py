@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf import empty_pb2
 
-from service.errors import DeadlineExceeded, NotFound, RefitError, Unavailable
-from service.metrics import UPSTREAM_ERRORS, UPSTREAM_LATENCY
-from service.torchserve_api import (
+from refit.errors import DeadlineExceeded, NotFound, RefitError, Unavailable
+from refit.torchserve_api import (
     inference_pb2,
     inference_pb2_grpc,
     management_pb2,
     management_pb2_grpc,
 )
 
+# (call name, seconds taken, gRPC code name of a failure or None): feeds each caller's metrics.
+CallObserver = Callable[[str, float, str | None], None]
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
@@ -53,7 +54,9 @@ class TorchServeClient:
         *,
         timeout_s: float = 10.0,
         register_timeout_s: float = 180.0,
+        observe: CallObserver | None = None,
     ) -> None:
+        self.observe = observe or (lambda call, seconds, error: None)
         self.timeout_s = timeout_s
         self.register_timeout_s = register_timeout_s
         self._inference_channel = grpc.insecure_channel(inference_target, _CHANNEL_OPTIONS)
@@ -143,10 +146,9 @@ class TorchServeClient:
         try:
             yield
         except grpc.RpcError as exc:
-            UPSTREAM_ERRORS.labels(call, exc.code().name).inc()
+            self.observe(call, time.perf_counter() - start, exc.code().name)
             raise _translate(exc, call, subject) from exc
-        finally:
-            UPSTREAM_LATENCY.labels(call).observe(time.perf_counter() - start)
+        self.observe(call, time.perf_counter() - start, None)
 
 
 def _translate(exc: grpc.RpcError, call: str, subject: str) -> RefitError:
