@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from refit.storage import FileStore, S3Store, StorageSettings
 
@@ -88,3 +90,23 @@ def bucket(s3_store: S3Store) -> str:
 @pytest.fixture
 def file_store(tmp_path: Path) -> FileStore:
     return FileStore(tmp_path / "objects")
+
+
+def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def coffee_jpeg() -> bytes:
+    from skimage import data
+
+    return encode(Image.fromarray(data.coffee()))
+
+
+@pytest.fixture(scope="session")
+def cat_jpeg() -> bytes:
+    from skimage import data
+
+    return encode(Image.fromarray(data.chelsea()))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,7 +9,6 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 from refit.storage import S3Store
 from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
@@ -99,25 +97,3 @@ def channel(refit_service: RefitServer) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="session")
 def stub(channel: grpc.Channel) -> refit_pb2_grpc.RefitStub:
     return refit_pb2_grpc.RefitStub(channel)
-
-
-def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="session")
-def coffee_jpeg() -> bytes:
-    from skimage import data
-
-    return encode(Image.fromarray(data.coffee()))
-
-
-@pytest.fixture(scope="session")
-def cat_jpeg() -> bytes:
-    from skimage import data
-
-    return encode(Image.fromarray(data.chelsea()))
-
-

@@ -14,7 +14,8 @@ from prometheus_client import REGISTRY
 
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
-from tests.service.conftest import encode, service_settings, start_service
+from tests.conftest import encode
+from tests.service.conftest import service_settings, start_service
 
 COFFEE_LABELS = {"espresso", "cup", "coffee mug"}
 
@@ -89,7 +90,9 @@ def huge_png(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
     rows = zlib.compress(b"\x00" * ((width + 7) // 8 + 1) * 64)  # only a few rows: never decoded
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb(stub: refit_pb2_grpc.RefitStub) -> None:
@@ -120,8 +123,10 @@ def test_client_deadline(stub: refit_pb2_grpc.RefitStub, coffee_jpeg: bytes) -> 
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def test_upstream_deadline(moto_server, refit_bucket, torchserve, coffee_jpeg) -> None:  # noqa: ANN001
-    settings = service_settings(moto_server, refit_bucket, torchserve.ports, upstream_timeout_s=1e-4)
+def test_upstream_deadline(moto_server, refit_bucket, torchserve, coffee_jpeg) -> None:
+    settings = service_settings(
+        moto_server, refit_bucket, torchserve.ports, upstream_timeout_s=1e-4
+    )
     refit = start_service(settings, wait_ready=False)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{refit.port}") as channel:
@@ -133,7 +138,7 @@ def test_upstream_deadline(moto_server, refit_bucket, torchserve, coffee_jpeg) -
         refit.stop()
 
 
-def test_torchserve_unreachable(moto_server, refit_bucket, coffee_jpeg) -> None:  # noqa: ANN001
+def test_torchserve_unreachable(moto_server, refit_bucket, coffee_jpeg) -> None:
     from refit.torchserve_process import TorchServePorts
     from tests.conftest import free_port
 
@@ -232,13 +237,16 @@ def test_metrics_count_rpcs_by_code(stub: refit_pb2_grpc.RefitStub, cat_jpeg: by
         "refit_predictions_total", {"model": "imagenet", "version": "1"}
     )
     assert REGISTRY.get_sample_value("refit_upstream_latency_seconds_count", {"call": "predict"})
-    assert REGISTRY.get_sample_value(
-        "refit_model_default_version_info", {"model": "imagenet", "version": "1"}
-    ) == 1
+    assert (
+        REGISTRY.get_sample_value(
+            "refit_model_default_version_info", {"model": "imagenet", "version": "1"}
+        )
+        == 1
+    )
 
 
 def test_torchserve_restart_is_reconciled(
-    stub: refit_pb2_grpc.RefitStub, torchserve, refit_service, cat_jpeg  # noqa: ANN001
+    stub: refit_pb2_grpc.RefitStub, torchserve, refit_service, cat_jpeg
 ) -> None:
     from tests.service.conftest import wait_serving
 
@@ -249,5 +257,3 @@ def test_torchserve_restart_is_reconciled(
     wait_serving(refit_service.port)  # the reconciler re-registered imagenet v1 and its default
     answer = stub.Predict(pb.PredictRequest(image=cat_jpeg, model="imagenet"), timeout=30)
     assert answer.version == "1" and 281 <= answer.predictions[0].index <= 285
-
-

@@ -1,0 +1,377 @@
+"""Retraining end to end: the service, a trainer, a real TorchServe and a real S3 server (moto).
+
+One model (``colours``) goes through three jobs in order: a deliberately poor first version
+(promoted: nothing to compare with), a good one (promoted by the gate while Predict traffic
+flows), a poor one again (stays a candidate). Then defaults, deletion, listing, cancellation, one
+active job per model, and a trainer process killed mid-job and restarted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from refit.registry import Registry
+from refit.storage import S3Store
+from refit.torchserve_process import TorchServeProcess
+from refit.trainer.v1 import trainer_pb2_grpc
+from refit.v1 import refit_pb2 as pb
+from refit.v1 import refit_pb2_grpc
+from service.server import RefitServer
+from tests.conftest import MotoServer, free_port, wait_for_port
+from tests.service.conftest import service_settings, start_service
+from tests.trainer.synthetic import CLASS_NAMES, colour_image, png_bytes, upload_colours
+from trainer.jobs.settings import TrainerSettings
+from trainer.server import TrainerServer, build_server
+
+SIZE = 48
+GOOD = pb.Hyperparameters(epochs=3, batch_size=16, lr=3e-3, crop_size=SIZE)
+POOR = pb.Hyperparameters(epochs=1, batch_size=16, lr=1e-9, crop_size=SIZE, seed=7)
+RUN_STATES = ("LOADING_DATA", "TRAINING", "EXPORTING", "PUBLISHING", "SUCCEEDED")
+pytestmark = pytest.mark.integration
+
+
+def trainer_settings(moto: MotoServer, bucket: str, ts: TorchServeProcess) -> TrainerSettings:
+    return TrainerSettings(
+        grpc_address="127.0.0.1:0",
+        torchserve_inference=f"127.0.0.1:{ts.ports.grpc_inference}",
+        torchserve_management=f"127.0.0.1:{ts.ports.grpc_management}",
+        bucket=bucket,
+        device="cpu",
+        loader_workers=0,  # tiny datasets: worker processes cost more than they save
+        log_every=1,
+        storage=moto.settings,
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(moto_server: MotoServer) -> str:
+    store = S3Store(moto_server.settings)
+    bucket = f"data-{uuid.uuid4().hex[:8]}"
+    return upload_colours(store, bucket, "colours", train=16, val=8, size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def trainer(
+    moto_server: MotoServer, refit_bucket: str, torchserve: TorchServeProcess
+) -> Iterator[TrainerServer]:
+    server = build_server(trainer_settings(moto_server, refit_bucket, torchserve))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def retrain_service(
+    moto_server: MotoServer,
+    refit_bucket: str,
+    torchserve: TorchServeProcess,
+    trainer: TrainerServer,
+) -> Iterator[RefitServer]:
+    settings = service_settings(
+        moto_server, refit_bucket, torchserve.ports, trainer_address=f"127.0.0.1:{trainer.port}"
+    )
+    refit = start_service(settings)
+    yield refit
+    refit.stop()
+
+
+@pytest.fixture(scope="module")
+def api(retrain_service: RefitServer) -> Iterator[refit_pb2_grpc.RefitStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{retrain_service.port}") as channel:
+        yield refit_pb2_grpc.RefitStub(channel)
+
+
+@pytest.fixture(scope="module")
+def held_out() -> list[tuple[bytes, str]]:
+    rng = np.random.default_rng(1234)  # not the upload's seed: images no job trained on
+    return [
+        (png_bytes(colour_image(label, rng, SIZE)), CLASS_NAMES[label])
+        for label in list(range(len(CLASS_NAMES))) * 5
+    ]
+
+
+def retrain(api: refit_pb2_grpc.RefitStub, model: str, dataset: str, **fields) -> pb.Job:
+    request = pb.RetrainRequest(model=model, dataset_uri=dataset, created_by="tests", **fields)
+    return api.Retrain(request, timeout=30)
+
+
+def watch(api: refit_pb2_grpc.RefitStub, job_id: str, timeout: float = 300) -> list[pb.JobEvent]:
+    return list(api.WatchJob(pb.WatchJobRequest(id=job_id), timeout=timeout))
+
+
+def accuracy(api, model: str, images: list[tuple[bytes, str]], version: str = "") -> float:
+    hits = 0
+    for image, label in images:
+        request = pb.PredictRequest(image=image, model=model, version=version)
+        answer = api.Predict(request, timeout=30)
+        hits += answer.predictions[0].label == label
+    return hits / len(images)
+
+
+def states(events: list[pb.JobEvent]) -> list[str]:
+    names = [pb.JobState.Name(e.job.state) for e in events]
+    return [s for i, s in enumerate(names) if i == 0 or names[i - 1] != s]
+
+
+# --- one model through three jobs -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def first(api, dataset: str) -> pb.Job:
+    job = retrain(api, "colours", dataset, hyperparameters=POOR)
+    events = watch(api, job.id)
+    assert events[-1].job.state == pb.SUCCEEDED, events[-1].job.error
+    return events[-1].job
+
+
+def test_retrain_is_queued_then_runs_through_every_state(api, dataset: str, first) -> None:
+    assert first.version == "1" and first.gate.promoted
+    assert first.gate.reason == "first version with a default"
+    assert set(first.phase_seconds) == {"queue", "data", "train", "export", "publish"}
+    assert first.request.created_by == "tests" and first.attempts == 1
+    model = api.GetModel(pb.GetModelRequest(name="colours"), timeout=10)
+    assert model.default_version == "1"
+    lineage = model.versions[0].lineage
+    assert lineage.dataset_uri == dataset and lineage.job_id == first.id
+    assert len(lineage.dataset_digest) == 64 and lineage.created_by == "tests"
+    assert lineage.hyperparameters["epochs"] == "1"
+
+
+@pytest.fixture(scope="module")
+def second(api, dataset: str, first, held_out) -> tuple[pb.Job, list[pb.JobEvent], list]:
+    """The good job, with Predict traffic on the model's default the whole time."""
+    stop, answers = threading.Event(), []
+
+    def traffic() -> None:
+        image = held_out[0][0]
+        while not stop.is_set():
+            try:
+                reply = api.Predict(pb.PredictRequest(image=image, model="colours"), timeout=30)
+                answers.append(reply.version)
+            except grpc.RpcError as exc:
+                answers.append(exc)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        job = retrain(api, "colours", dataset, hyperparameters=GOOD)
+        assert job.state == pb.QUEUED
+        events = watch(api, job.id)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (not answers or answers[-1] != "2"):
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join()
+    return events[-1].job, events, answers
+
+
+def test_watch_reports_states_and_epochs(second) -> None:
+    job, events, _ = second
+    assert job.state == pb.SUCCEEDED, job.error
+    assert [s for s in states(events) if s in RUN_STATES] == list(RUN_STATES)
+    epochs = [e.job.progress for e in events if e.kind == "progress" and e.job.progress.epoch_end]
+    assert [p.epoch for p in epochs] == [1, 2, 3] and all(p.epochs == 3 for p in epochs)
+    assert all(p.loss > 0 and p.images_per_second > 0 for p in epochs)
+    assert epochs[0].eta_seconds > 0 and epochs[-1].eta_seconds == 0
+    assert max(p.val_accuracy for p in epochs) == pytest.approx(job.metrics["val_accuracy"])
+
+
+def test_better_version_is_promoted_and_predicts_well(api, second, held_out) -> None:
+    job, _, _ = second
+    assert job.version == "2" and job.gate.promoted, job.gate.reason
+    assert job.gate.baseline_version == "1" and job.gate.baseline_evaluated
+    assert job.gate.candidate_accuracy > job.gate.baseline_accuracy
+    assert api.GetModel(pb.GetModelRequest(name="colours"), timeout=10).default_version == "2"
+    assert accuracy(api, "colours", held_out) >= 0.7  # chance is 0.25
+
+
+def test_no_request_failed_during_the_promotion(second) -> None:
+    _, _, answers = second
+    errors = [a for a in answers if isinstance(a, grpc.RpcError)]
+    assert not errors, errors[:3]
+    assert answers[0] == "1" and answers[-1] == "2"
+    switch = answers.index("2")
+    assert set(answers[:switch]) == {"1"} and set(answers[switch:]) == {"2"}
+
+
+@pytest.fixture(scope="module")
+def third(api, dataset: str, second) -> pb.Job:
+    events = watch(api, retrain(api, "colours", dataset, hyperparameters=POOR).id)
+    return events[-1].job
+
+
+def test_worse_version_stays_a_candidate(api, second, third, held_out) -> None:
+    assert third.state == pb.SUCCEEDED, third.error
+    assert third.version == "3" and not third.gate.promoted
+    # The default was evaluated on the same validation split: it scores what it scored itself.
+    assert third.gate.baseline_accuracy == pytest.approx(second[0].metrics["val_accuracy"])
+    model = api.GetModel(pb.GetModelRequest(name="colours"), timeout=10)
+    assert model.default_version == "2"
+    assert {v.version: v.state for v in model.versions}["3"] == "candidate"
+    answer = api.Predict(
+        pb.PredictRequest(image=held_out[0][0], model="colours", version="3"), timeout=30
+    )
+    assert answer.version == "3" and answer.predictions[0].label in CLASS_NAMES
+
+
+def test_rollback_promote_and_delete(api, third, held_out) -> None:
+    image = held_out[0][0]
+    model = api.SetDefaultVersion(pb.SetDefaultVersionRequest(model="colours", version="1"))
+    assert model.default_version == "1"
+    assert api.Predict(pb.PredictRequest(image=image, model="colours")).version == "1"
+    api.SetDefaultVersion(pb.SetDefaultVersionRequest(model="colours", version="2"))
+    assert api.Predict(pb.PredictRequest(image=image, model="colours")).version == "2"
+
+    with pytest.raises(grpc.RpcError) as caught:
+        api.DeleteVersion(pb.DeleteVersionRequest(model="colours", version="2"))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    model = api.DeleteVersion(pb.DeleteVersionRequest(model="colours", version="3"))
+    assert [v.version for v in model.versions] == ["1", "2"]
+    with pytest.raises(grpc.RpcError) as caught:
+        api.Predict(pb.PredictRequest(image=image, model="colours", version="3"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as caught:
+        api.SetDefaultVersion(pb.SetDefaultVersionRequest(model="colours", version="9"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_list_jobs_filters_by_model_and_state(api, third) -> None:
+    jobs = api.ListJobs(pb.ListJobsRequest(model="colours"), timeout=10).jobs
+    assert len(jobs) == 3 and [j.version for j in jobs] == ["3", "2", "1"]  # newest first
+    done = api.ListJobs(pb.ListJobsRequest(model="colours", states=[pb.SUCCEEDED])).jobs
+    assert len(done) == 3
+    assert not api.ListJobs(pb.ListJobsRequest(model="colours", states=[pb.FAILED])).jobs
+    assert api.GetJob(pb.GetJobRequest(id=jobs[0].id)).id == jobs[0].id
+
+
+# --- requests that must be refused ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"model": "Bad Name", "dataset_uri": "s3://a/b"}, "INVALID_ARGUMENT"),
+        ({"model": "ok", "dataset_uri": "/not/s3"}, "INVALID_ARGUMENT"),
+        ({"model": "ok", "dataset_uri": "s3://a/b", "base_version": "7"}, "INVALID_ARGUMENT"),
+    ],
+)
+def test_bad_retrain_requests(api, fields: dict, code: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        api.Retrain(pb.RetrainRequest(**fields), timeout=30)
+    assert caught.value.code().name == code
+
+
+def test_unknown_job(api) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        api.GetJob(pb.GetJobRequest(id="job-nope"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cancel_mid_training_and_one_active_job_per_model(api, dataset: str, third) -> None:
+    slow = pb.Hyperparameters(epochs=30, batch_size=8, lr=1e-3, crop_size=SIZE)
+    job = retrain(api, "slow", dataset, hyperparameters=slow)
+    with pytest.raises(grpc.RpcError) as caught:
+        retrain(api, "slow", dataset, hyperparameters=slow)
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert job.id in caught.value.details()
+
+    stream = api.WatchJob(pb.WatchJobRequest(id=job.id), timeout=300)
+    for event in stream:
+        if event.job.state == pb.TRAINING and event.job.progress.batch >= 2:
+            break
+    cancelled = api.CancelJob(pb.CancelJobRequest(id=job.id), timeout=10)
+    assert cancelled.id == job.id
+    final = [e.job for e in stream][-1]
+    assert final.state == pb.CANCELLED and "cancelled" in final.error
+    assert final.progress.epoch == 1  # stopped in the first of 30 epochs
+    with pytest.raises(grpc.RpcError) as caught:
+        api.GetModel(pb.GetModelRequest(name="slow"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was published
+    with pytest.raises(grpc.RpcError) as caught:
+        api.CancelJob(pb.CancelJobRequest(id=job.id), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# --- a trainer process killed mid-job -------------------------------------------------------------
+
+
+class TrainerProcess:
+    def __init__(self, moto: MotoServer, bucket: str, ts: TorchServeProcess, log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        self.env = {
+            **os.environ,
+            "MINIO_ENDPOINT": moto.settings.endpoint,
+            "MINIO_ACCESS_KEY": "test",
+            "MINIO_SECRET_KEY": "test",
+            "REFIT_BUCKET": bucket,
+            "REFIT_TRAINER_GRPC_ADDRESS": f"127.0.0.1:{self.port}",
+            "REFIT_TRAINER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+            "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ts.ports.grpc_inference}",
+            "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ts.ports.grpc_management}",
+            "REFIT_TRAINER_DEVICE": "cpu",
+            "REFIT_TRAINER_LOADER_WORKERS": "0",
+            "REFIT_TRAINER_LOG_EVERY": "1",
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("a") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "trainer.server"], env=self.env, stdout=out, stderr=out
+            )
+        wait_for_port(self.port, timeout=120, process=self.process)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+
+
+def test_trainer_killed_mid_job_resumes_from_its_checkpoint(
+    moto_server: MotoServer, torchserve: TorchServeProcess, dataset: str, tmp_path: Path, third
+) -> None:
+    bucket = f"kill-{uuid.uuid4().hex[:8]}"
+    trainer = TrainerProcess(moto_server, bucket, torchserve, tmp_path / "trainer.log")
+    hp = pb.Hyperparameters(epochs=3, batch_size=16, lr=3e-3, crop_size=SIZE)
+    trainer.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{trainer.port}") as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            job = stub.Submit(pb.RetrainRequest(model="killme", dataset_uri=dataset,
+                                                hyperparameters=hp), timeout=30)  # fmt: skip
+            for event in stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=300):
+                if event.job.progress.epoch_end and event.job.progress.epoch == 1:
+                    break  # epoch 1 is checkpointed
+        trainer.kill()
+        trainer.start()
+        with grpc.insecure_channel(f"127.0.0.1:{trainer.port}") as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            events = list(stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=300))
+    finally:
+        trainer.stop()
+    final = events[-1].job
+    assert final.state == pb.SUCCEEDED, (final.error, trainer.log.read_text()[-3000:])
+    assert final.attempts == 2 and final.version == "1"
+    progress = [e.job.progress for e in events if e.kind == "progress"]
+    trained = {p.epoch for p in progress if p.epoch_end}
+    assert trained <= {2, 3} and 3 in trained  # epoch 1 came from the checkpoint
+    versions = Registry(S3Store(moto_server.settings), bucket).versions("killme")
+    assert [(v.version, v.lineage["job_id"]) for v in versions] == [("1", job.id)]
