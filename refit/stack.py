@@ -20,10 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from refit.netutil import wait_serving
 from refit.storage import StorageSettings
 from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 
@@ -174,7 +173,12 @@ class Stack:
             _step("Prometheus", f"http://{self.settings.prometheus_address}")
         else:
             _step("Prometheus", "not installed (apt-get install prometheus); skipped")
-        wait_serving(self.settings.grpc_address, timeout_s, self.service)
+        try:
+            wait_serving(
+                self.settings.grpc_address, timeout_s, lambda: self.service.pid() is not None
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}; see {self.service.log_file}") from exc
         _step(
             "refit service",
             f"{self.settings.grpc_address} (metrics on "
@@ -210,23 +214,6 @@ def render_prometheus_config(settings: StackSettings, path: Path) -> None:
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-
-def wait_serving(address: str, timeout_s: float, daemon: Daemon) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if daemon.pid() is None:
-                raise RuntimeError(f"{daemon.name} exited; see {daemon.log_file}")
-            try:
-                answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.3)
-    raise TimeoutError(f"{daemon.name} not SERVING after {timeout_s:.0f}s; see {daemon.log_file}")
 
 
 def _step(name: str, where: str) -> None:

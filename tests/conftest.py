@@ -1,5 +1,7 @@
 """Shared fixtures: real servers on free loopback ports, always cleaned up."""
 
+# free_port is re-exported for test modules: `from tests.conftest import free_port`.
+
 from __future__ import annotations
 
 import io
@@ -14,13 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from refit.netutil import free_port
 from refit.storage import FileStore, S3Store, StorageSettings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(

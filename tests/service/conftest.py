@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from refit import netutil
 from refit.storage import S3Store
 from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.v1 import refit_pb2_grpc
@@ -65,18 +64,7 @@ def start_service(settings: ServiceSettings, wait_ready: bool = True) -> RefitSe
 
 
 def wait_serving(port: int, timeout_s: float = 120.0) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError("refit service did not become SERVING")
+    netutil.wait_serving(f"127.0.0.1:{port}", timeout_s)
 
 
 @pytest.fixture(scope="session")
