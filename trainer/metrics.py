@@ -1,0 +1,53 @@
+"""Every Prometheus metric of the trainer process, in one place.
+
+Counters incremented inside DataLoader worker processes reach the main process's registry only in
+prometheus_client's multiprocess mode (set PROMETHEUS_MULTIPROC_DIR before the workers start).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DATASET_OBJECTS_READ = Counter(
+    "refit_dataset_objects_read_total",
+    "Objects (images or shards) read from the object store by training datasets.",
+    ["kind"],  # "image" | "shard"
+)
+DATASET_BYTES_READ = Counter(
+    "refit_dataset_bytes_read_total",
+    "Bytes read from the object store by training datasets.",
+    ["kind"],
+)
+DATASET_BAD_IMAGES = Counter(
+    "refit_dataset_bad_images_total",
+    "Images skipped because they could not be decoded or were too large.",
+    ["reason"],  # "undecodable" | "too_large"
+)
+
+# --- fine-tuning loop (trainer/train.py feeds these from its progress events) ---
+TRAINER_EPOCH = Gauge("refit_trainer_epoch", "Current training epoch (1-based).")
+TRAINER_LOSS = Gauge("refit_trainer_loss", "Mean loss of the last epoch.", ["split"])  # train|val
+TRAINER_ACCURACY = Gauge(
+    "refit_trainer_accuracy", "Accuracy of the last epoch (0-1).", ["split"]
+)  # train|val
+TRAINER_IMAGES_PER_SECOND = Gauge(
+    "refit_trainer_images_per_second", "Training throughput over the current epoch."
+)
+TRAINER_DATA_WAIT_RATIO = Gauge(
+    "refit_trainer_data_wait_ratio", "Fraction of training step time spent waiting for data."
+)
+TRAINER_GPU_MEMORY_BYTES = Gauge(
+    "refit_trainer_gpu_memory_bytes", "Peak GPU memory allocated by this process (0 on CPU)."
+)
+
+# --- retraining jobs (trainer/jobs/manager.py) ---
+TRAINER_JOBS = Counter(
+    "refit_trainer_jobs_total", "Retraining jobs that ended, by final state.", ["state"]
+)  # succeeded | failed | cancelled
+TRAINER_QUEUE_LENGTH = Gauge("refit_trainer_queue_length", "Retraining jobs waiting to start.")
+TRAINER_JOB_PHASE_SECONDS = Histogram(
+    "refit_trainer_job_phase_seconds",
+    "Time retraining jobs spent in each phase.",
+    ["phase"],  # queue | data | train | export | publish
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+)
