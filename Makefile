@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export REFIT_DATA_DIR ?= $(CURDIR)/.refit
 
-.PHONY: install gen up down status test lint bench clean
+.PHONY: install gen up down status demo test lint bench clean
 
 install: $(VENV)/.installed gen
 
@@ -29,6 +29,9 @@ down:
 status:
 	$(PY) -m refit.stack status
 
+demo: up
+	$(PY) -m refit.demo
+
 lint: install
 	$(VENV)/bin/ruff check .
 
@@ -39,4 +42,4 @@ bench: install
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf build $(VENV) refit/v1/*_pb2*.py refit/torchserve_api/*_pb2*.py
+	rm -rf build $(VENV) refit/v1 refit/trainer refit/torchserve_api

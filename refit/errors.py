@@ -1,9 +1,19 @@
-"""Domain errors shared by every component. Each carries the gRPC status code it means and a
-message a user can act on; ``service.errors`` maps them to statuses in one place."""
+"""Domain errors shared by every component, and the one place that maps errors to gRPC statuses.
+
+Each error carries the status code it means and a message a user can act on. Anything unexpected
+becomes INTERNAL with a logged traceback: never UNKNOWN, never a crashed server. Both gRPC
+servers (service and trainer) install ``ErrorInterceptor``."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import grpc
+
+from refit.registry import InvalidModelName, ModelNotFound
+from refit.storage import StorageError
 
 
 class RefitError(Exception):
@@ -40,3 +50,76 @@ class AlreadyExists(RefitError):
 
 class FailedPrecondition(RefitError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+log = logging.getLogger(__name__)
+
+
+# Errors raised by shared modules (no gRPC there) and the status each one means.
+_FOREIGN: dict[type[Exception], grpc.StatusCode] = {
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidModelName: grpc.StatusCode.INVALID_ARGUMENT,
+    StorageError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def to_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RefitError):
+        return exc.code, exc.message
+    for kind, code in _FOREIGN.items():
+        if isinstance(exc, kind):
+            return code, getattr(exc, "message", str(exc))
+    log.exception("unexpected error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Turns exceptions escaping a servicer into ``context.abort(code, message)``."""
+
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        return wrap_handler(handler, _guard_unary, _guard_stream)
+
+
+def _guard_unary(behavior: Callable) -> Callable:
+    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except Exception as exc:
+            _abort(context, exc)
+
+    return guarded
+
+
+def _guard_stream(behavior: Callable) -> Callable:
+    def guarded(request: Any, context: grpc.ServicerContext) -> Iterator:
+        try:
+            yield from behavior(request, context)
+        except Exception as exc:
+            _abort(context, exc)
+
+    return guarded
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    if context.code() not in (None, grpc.StatusCode.OK):
+        raise exc  # already aborted by the servicer itself: keep its status
+    code, message = to_status(exc)
+    context.abort(code, message)
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler | None,
+    wrap_unary_response: Callable[[Callable], Callable],
+    wrap_stream_response: Callable[[Callable], Callable],
+) -> grpc.RpcMethodHandler | None:
+    """Wraps whichever behaviour a handler has; unary and streaming responses differ in shape."""
+    if handler is None:
+        return None
+    if handler.unary_unary:
+        return handler._replace(unary_unary=wrap_unary_response(handler.unary_unary))
+    if handler.stream_unary:
+        return handler._replace(stream_unary=wrap_unary_response(handler.stream_unary))
+    if handler.unary_stream:
+        return handler._replace(unary_stream=wrap_stream_response(handler.unary_stream))
+    return handler._replace(stream_stream=wrap_stream_response(handler.stream_stream))

@@ -4,6 +4,7 @@ What runs where (all on loopback):
     object store   MinIO at $MINIO_ENDPOINT, else the embedded FileStore in $REFIT_DATA_DIR/objects
     TorchServe     REST 8080-8082, gRPC 7070/7071 (home: $REFIT_DATA_DIR/torchserve)
     refit service  gRPC 50051, metrics 9101
+    trainer        gRPC 50052 (internal), metrics 9102
     Prometheus     9090, when installed
 State lives in $REFIT_DATA_DIR (default ./.refit) and survives ``make down && make up``.
 """
@@ -37,6 +38,8 @@ class StackSettings:
     grpc_address: str = "127.0.0.1:50051"
     metrics_address: str = "127.0.0.1:9101"
     prometheus_address: str = "127.0.0.1:9090"
+    scrape_interval: str = "15s"
+    trainer_address: str = "127.0.0.1:50052"
     trainer_metrics_address: str = "127.0.0.1:9102"
     torchserve: TorchServePorts = field(default_factory=TorchServePorts)
 
@@ -52,6 +55,10 @@ class StackSettings:
             grpc_address=os.environ.get("REFIT_GRPC_ADDRESS", "127.0.0.1:50051"),
             metrics_address=os.environ.get("REFIT_METRICS_ADDRESS", "127.0.0.1:9101"),
             prometheus_address=os.environ.get("REFIT_PROMETHEUS_ADDRESS", "127.0.0.1:9090"),
+            trainer_address=os.environ.get("REFIT_TRAINER_ADDRESS", "127.0.0.1:50052"),
+            trainer_metrics_address=os.environ.get(
+                "REFIT_TRAINER_METRICS_ADDRESS", "127.0.0.1:9102"
+            ),
         )
 
     def storage_url(self) -> str:
@@ -76,6 +83,9 @@ class StackSettings:
             "REFIT_METRICS_ADDRESS": self.metrics_address,
             "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{self.torchserve.grpc_inference}",
             "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{self.torchserve.grpc_management}",
+            "REFIT_TRAINER_ADDRESS": self.trainer_address,
+            "REFIT_TRAINER_GRPC_ADDRESS": self.trainer_address,
+            "REFIT_TRAINER_METRICS_ADDRESS": self.trainer_metrics_address,
         }
 
 
@@ -139,6 +149,7 @@ class Stack:
         self.torchserve = TorchServeProcess(
             data / "torchserve", settings.torchserve, allowed_urls_for(settings.storage_url())
         )
+        self.trainer = Daemon("trainer", (sys.executable, "-m", "trainer.server"), data)
         self.service = Daemon("service", (sys.executable, "-m", "service.server"), data)
         prometheus = shutil.which("prometheus")
         self.prometheus = (
@@ -166,6 +177,13 @@ class Stack:
             env=env,
             check=True,
         )
+        self.trainer.start(env)
+        self._wait(self.settings.trainer_address, timeout_s, self.trainer)
+        _step(
+            "trainer",
+            f"{self.settings.trainer_address} (metrics on "
+            f"http://{self.settings.trainer_metrics_address}/metrics)",
+        )
         self.service.start(env)
         if self.prometheus is not None:
             render_prometheus_config(self.settings, self.settings.data_dir / "prometheus.yml")
@@ -173,12 +191,7 @@ class Stack:
             _step("Prometheus", f"http://{self.settings.prometheus_address}")
         else:
             _step("Prometheus", "not installed (apt-get install prometheus); skipped")
-        try:
-            wait_serving(
-                self.settings.grpc_address, timeout_s, lambda: self.service.pid() is not None
-            )
-        except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{exc}; see {self.service.log_file}") from exc
+        self._wait(self.settings.grpc_address, timeout_s, self.service)
         _step(
             "refit service",
             f"{self.settings.grpc_address} (metrics on "
@@ -186,8 +199,16 @@ class Stack:
         )
         print(f"ready. logs: {self.settings.data_dir / 'logs'}; try: refit predict IMAGE")
 
+    @staticmethod
+    def _wait(address: str, timeout_s: float, daemon: Daemon) -> None:
+        try:
+            wait_serving(address, timeout_s, lambda: daemon.pid() is not None)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{daemon.name}: {exc}; see {daemon.log_file}") from exc
+
     def down(self) -> None:
         self.service.stop()
+        self.trainer.stop()
         if self.prometheus is not None:
             self.prometheus.stop()
         self.torchserve.stop()
@@ -197,6 +218,7 @@ class Stack:
         rows = {
             "TorchServe": self.torchserve.is_healthy(),
             "refit service": self.service.pid() is not None,
+            "trainer": self.trainer.pid() is not None,
         }
         if self.prometheus is not None:
             rows["Prometheus"] = self.prometheus.pid() is not None
@@ -208,6 +230,8 @@ class Stack:
 def render_prometheus_config(settings: StackSettings, path: Path) -> None:
     """deploy/prometheus/prometheus.local.yml with this stack's ports and absolute rule paths."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config["global"]["scrape_interval"] = settings.scrape_interval
+    config["global"]["evaluation_interval"] = settings.scrape_interval
     config["rule_files"] = [str(PROMETHEUS_CONFIG.parent / f) for f in config["rule_files"]]
     targets = settings.scrape_targets()
     for job in config["scrape_configs"]:

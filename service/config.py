@@ -24,6 +24,8 @@ class ServiceSettings:
     reconcile_interval_s: float = 30.0
     stream_window: int = 8  # PredictStream images in flight at once per call
     workers: int = 32  # gRPC server threads
+    trainer_address: str = "127.0.0.1:50052"  # the trainer's internal API
+    trainer_timeout_s: float = 10.0  # per unary call to the trainer
     storage: StorageSettings = field(default_factory=StorageSettings)
 
     @classmethod
@@ -53,5 +55,9 @@ class ServiceSettings:
             ),
             stream_window=int(env.get("REFIT_STREAM_WINDOW", defaults.stream_window)),
             workers=int(env.get("REFIT_GRPC_WORKERS", defaults.workers)),
+            trainer_address=env.get("REFIT_TRAINER_ADDRESS", defaults.trainer_address),
+            trainer_timeout_s=float(
+                env.get("REFIT_TRAINER_TIMEOUT_S", defaults.trainer_timeout_s)
+            ),
             storage=StorageSettings.from_env(env),
         )

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from service.errors import wrap_handler
+from refit.errors import wrap_handler
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIZE_BUCKETS = tuple(2**i for i in range(10, 25, 2))  # 1 KiB .. 16 MiB

@@ -13,15 +13,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from refit import logs
+from refit.errors import ErrorInterceptor
+from refit.publish import Publisher
 from refit.registry import Registry
 from refit.torchserve import TorchServeClient
 from refit.v1 import refit_pb2, refit_pb2_grpc
+from service.access_log import AccessLogInterceptor
 from service.catalog import ModelCatalog, Reconciler
 from service.config import ServiceSettings
-from service.errors import ErrorInterceptor
+from service.jobs import JobMonitor, Jobs
 from service.metrics import MetricsInterceptor, observe_upstream
 from service.predictions import Predictor
 from service.servicer import RefitServicer
+from service.trainer_client import TrainerClient
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = refit_pb2.DESCRIPTOR.services_by_name["Refit"].full_name
@@ -36,6 +41,8 @@ class RefitServer:
     reconciler: Reconciler
     torchserve: TorchServeClient
     stop_event: threading.Event
+    trainer: TrainerClient
+    monitor: JobMonitor
 
     def start(self, reconcile_interval_s: float) -> None:
         self.server.start()
@@ -46,12 +53,17 @@ class RefitServer:
             daemon=True,
             name="reconciler",
         ).start()
+        threading.Thread(
+            target=self.monitor.run_forever, args=(self.stop_event,), daemon=True, name="jobs"
+        ).start()
 
     def stop(self, grace_s: float = 5.0) -> None:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.stop_event.set()
+        self.monitor.stop()
         self.server.stop(grace_s).wait()
         self.torchserve.close()
+        self.trainer.close()
 
     def _watch_health(self) -> None:
         """SERVING once TorchServe holds every published version; NOT_SERVING while it does not."""
@@ -80,11 +92,13 @@ def build_server(settings: ServiceSettings) -> RefitServer:
     predictor = Predictor(settings, catalog, torchserve)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="grpc"),
-        interceptors=[MetricsInterceptor(), ErrorInterceptor()],
+        interceptors=[AccessLogInterceptor(), MetricsInterceptor(), ErrorInterceptor()],
         options=[("grpc.max_receive_message_length", settings.max_image_bytes + MESSAGE_OVERHEAD)],
     )
+    trainer = TrainerClient(settings.trainer_address, timeout_s=settings.trainer_timeout_s)
+    jobs = Jobs(trainer, catalog, Publisher(store, settings.bucket, torchserve))
     refit_pb2_grpc.add_RefitServicer_to_server(
-        RefitServicer(predictor, catalog, settings.stream_window), server
+        RefitServicer(predictor, catalog, settings.stream_window, jobs), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -95,11 +109,20 @@ def build_server(settings: ServiceSettings) -> RefitServer:
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC address {settings.grpc_address}")
     reconciler = Reconciler(catalog, store, settings.bucket, torchserve)
-    return RefitServer(server, port, health_servicer, reconciler, torchserve, threading.Event())
+    return RefitServer(
+        server,
+        port,
+        health_servicer,
+        reconciler,
+        torchserve,
+        threading.Event(),
+        trainer,
+        JobMonitor(trainer, catalog),
+    )
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure("service")
     settings = ServiceSettings.from_env()
     host, _, port = settings.metrics_address.rpartition(":")
     start_http_server(int(port), addr=host)

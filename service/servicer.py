@@ -9,18 +9,22 @@ from datetime import datetime
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from refit.errors import to_status
 from refit.registry import VersionRecord
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.catalog import ModelCatalog, ModelEntry
-from service.errors import to_status
+from service.jobs import Jobs
 from service.predictions import Predictor, PredictResult, ordered_map
 
 
 class RefitServicer(refit_pb2_grpc.RefitServicer):
-    def __init__(self, predictor: Predictor, catalog: ModelCatalog, stream_window: int) -> None:
+    def __init__(
+        self, predictor: Predictor, catalog: ModelCatalog, stream_window: int, jobs: Jobs
+    ) -> None:
         self.predictor = predictor
         self.catalog = catalog
+        self.jobs = jobs
         self.stream_window = stream_window
         self._stream_pool = ThreadPoolExecutor(max_workers=4 * stream_window)
 
@@ -50,6 +54,37 @@ class RefitServicer(refit_pb2_grpc.RefitServicer):
 
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.Model:
         return _model(self.catalog.get(request.name))
+
+    # --- retraining: forwarded to the trainer; defaults and deletion via refit.publish ---
+
+    def Retrain(self, request: pb.RetrainRequest, context: grpc.ServicerContext) -> pb.Job:
+        return self.jobs.retrain(request)
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return self.jobs.get(request.id)
+
+    def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.ServicerContext
+    ) -> pb.ListJobsResponse:
+        return self.jobs.list(request)
+
+    def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.JobEvent]:
+        yield from self.jobs.watch(request.id, context.add_callback)
+
+    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return self.jobs.cancel(request.id)
+
+    def SetDefaultVersion(
+        self, request: pb.SetDefaultVersionRequest, context: grpc.ServicerContext
+    ) -> pb.Model:
+        return _model(self.jobs.set_default(request.model, request.version))
+
+    def DeleteVersion(
+        self, request: pb.DeleteVersionRequest, context: grpc.ServicerContext
+    ) -> pb.Model:
+        return _model(self.jobs.delete_version(request.model, request.version))
 
     def _predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> PredictResult:
         return self.predictor.predict(

@@ -13,6 +13,13 @@ COMMAND_MODULES = {
     "models": "refit.cli.serving",
     "dataset": "refit.cli.dataset",
     "train": "refit.cli.train",
+    "retrain": "refit.cli.jobs",
+    "jobs": "refit.cli.jobs",
+    "job": "refit.cli.jobs",
+    "cancel": "refit.cli.jobs",
+    "promote": "refit.cli.jobs",
+    "rollback": "refit.cli.jobs",
+    "versions": "refit.cli.jobs",
 }
 
 

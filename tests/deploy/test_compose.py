@@ -99,9 +99,12 @@ def test_startup_waits_for_dependencies(compose):
     assert services["service"]["depends_on"] == {
         "minio": {"condition": "service_healthy"},
         "torchserve": {"condition": "service_healthy"},
-        "trainer": {"condition": "service_completed_successfully"},
+        "trainer": {"condition": "service_healthy"},
     }
-    assert services["trainer"]["depends_on"] == {"minio": {"condition": "service_healthy"}}
+    assert services["trainer"]["depends_on"] == {
+        "minio": {"condition": "service_healthy"},
+        "torchserve": {"condition": "service_healthy"},
+    }
     for name, service in services.items():
         for dependency, how in service.get("depends_on", {}).items():
             if how["condition"] == "service_healthy":
@@ -116,10 +119,29 @@ def test_startup_waits_for_dependencies(compose):
         ("REFIT_TORCHSERVE_INFERENCE", "torchserve:7070"),
         ("REFIT_TORCHSERVE_MANAGEMENT", "torchserve:7071"),
         ("MINIO_ENDPOINT", "http://minio:9000"),
+        ("REFIT_TRAINER_ADDRESS", "trainer:50052"),
     ],
 )
 def test_service_reaches_its_dependencies(compose, key, value):
     assert compose["services"]["service"]["environment"][key] == value
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("REFIT_TRAINER_GRPC_ADDRESS", "0.0.0.0:50052"),
+        ("REFIT_TRAINER_METRICS_ADDRESS", "0.0.0.0:9102"),
+        ("REFIT_TORCHSERVE_INFERENCE", "torchserve:7070"),
+        ("REFIT_TORCHSERVE_MANAGEMENT", "torchserve:7071"),
+        ("REFIT_PUBLISH_BASE_MODEL", "true"),
+        ("MINIO_ENDPOINT", "http://minio:9000"),
+    ],
+)
+def test_trainer_is_a_long_running_server_that_publishes_the_base_model(compose, key, value):
+    trainer = compose["services"]["trainer"]
+    assert trainer["command"] == ["python", "-m", "trainer.server"]
+    assert trainer["restart"] == "unless-stopped" and "healthcheck" in trainer
+    assert trainer["environment"][key] == value
 
 
 def test_trainer_gets_the_gpu_when_present(compose):

@@ -24,6 +24,7 @@ def test_up_predict_down_up(
         grpc_address=f"127.0.0.1:{free_port()}",
         metrics_address=f"127.0.0.1:{free_port()}",
         prometheus_address=f"127.0.0.1:{free_port()}",
+        trainer_address=f"127.0.0.1:{free_port()}",
         trainer_metrics_address=f"127.0.0.1:{free_port()}",
         torchserve=TorchServePorts(*(free_port() for _ in range(5))),
     )

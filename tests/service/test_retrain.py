@@ -8,6 +8,9 @@ active job per model, and a trainer process killed mid-job and restarted.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +25,7 @@ import grpc
 import numpy as np
 import pytest
 
+from refit import cli as refit_cli
 from refit.registry import Registry
 from refit.storage import S3Store
 from refit.torchserve_process import TorchServeProcess
@@ -98,7 +102,7 @@ def held_out() -> list[tuple[bytes, str]]:
     rng = np.random.default_rng(1234)  # not the upload's seed: images no job trained on
     return [
         (png_bytes(colour_image(label, rng, SIZE)), CLASS_NAMES[label])
-        for label in list(range(len(CLASS_NAMES))) * 5
+        for label in list(range(len(CLASS_NAMES))) * 3
     ]
 
 
@@ -162,6 +166,7 @@ def second(api, dataset: str, first, held_out) -> tuple[pb.Job, list[pb.JobEvent
                 answers.append(reply.version)
             except grpc.RpcError as exc:
                 answers.append(exc)
+            time.sleep(0.05)  # steady traffic that leaves the 2 CPUs to training
 
     thread = threading.Thread(target=traffic)
     thread.start()
@@ -207,13 +212,38 @@ def test_no_request_failed_during_the_promotion(second) -> None:
     assert set(answers[:switch]) == {"1"} and set(answers[switch:]) == {"2"}
 
 
+def cli(service: RefitServer, *args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = refit_cli.main([*args, "--address", f"127.0.0.1:{service.port}"])
+    return code, out.getvalue()
+
+
 @pytest.fixture(scope="module")
-def third(api, dataset: str, second) -> pb.Job:
-    events = watch(api, retrain(api, "colours", dataset, hyperparameters=POOR).id)
-    return events[-1].job
+def third(api, retrain_service: RefitServer, dataset: str, second) -> tuple[pb.Job, str]:
+    """The poor job again, started and watched by ``refit retrain --watch``."""
+    code, out = cli(
+        retrain_service, "retrain", "--model", "colours", "--dataset", dataset, "--epochs", "1",
+        "--lr", "1e-9", "--batch-size", "16", "--crop-size", str(SIZE), "--seed", "7", "--watch",
+    )  # fmt: skip
+    assert code == 0, out
+    jobs = api.ListJobs(pb.ListJobsRequest(model="colours", limit=1), timeout=10).jobs
+    return jobs[0], out
+
+
+def test_cli_retrain_watch_prints_states_progress_and_verdict(third) -> None:
+    job, out = third
+    lines = out.splitlines()
+    assert lines[0].startswith(f"job {job.id}: colours from s3://")
+    for state in ("training", "exporting", "publishing", "succeeded"):
+        assert state in lines
+    assert any(line.startswith("epoch 1/1 [") and "ETA" in line and "val_acc" in line
+               for line in lines)  # fmt: skip
+    assert lines[-2].startswith("colours v3: kept as a candidate (val_accuracy")
 
 
 def test_worse_version_stays_a_candidate(api, second, third, held_out) -> None:
+    third, _ = third
     assert third.state == pb.SUCCEEDED, third.error
     assert third.version == "3" and not third.gate.promoted
     # The default was evaluated on the same validation split: it scores what it scored itself.
@@ -225,6 +255,22 @@ def test_worse_version_stays_a_candidate(api, second, third, held_out) -> None:
         pb.PredictRequest(image=held_out[0][0], model="colours", version="3"), timeout=30
     )
     assert answer.version == "3" and answer.predictions[0].label in CLASS_NAMES
+
+
+def test_cli_versions_rollback_promote_and_jobs(retrain_service: RefitServer, third) -> None:
+    code, out = cli(retrain_service, "rollback", "colours")
+    assert code == 0 and out.strip() == "colours: default is now v1"
+    code, out = cli(retrain_service, "promote", "colours", "2")
+    assert code == 0 and out.strip() == "colours: default is now v2"
+    code, out = cli(retrain_service, "versions", "colours", "--json")
+    listing = json.loads(out)[0]
+    assert code == 0 and listing["defaultVersion"] == "2" and len(listing["versions"]) == 3
+    code, out = cli(retrain_service, "jobs", "--model", "colours", "--state", "SUCCEEDED")
+    assert code == 0 and len(out.splitlines()) == 3 and "v3" in out.splitlines()[0]
+    code, out = cli(retrain_service, "job", third[0].id, "--json")
+    assert code == 0 and json.loads(out)["gate"]["promoted"] is False
+    code, out = cli(retrain_service, "cancel", third[0].id)
+    assert code == 1  # already ended: FAILED_PRECONDITION, reported on stderr
 
 
 def test_rollback_promote_and_delete(api, third, held_out) -> None:
@@ -272,6 +318,28 @@ def test_bad_retrain_requests(api, fields: dict, code: str) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         api.Retrain(pb.RetrainRequest(**fields), timeout=30)
     assert caught.value.code().name == code
+
+
+def test_trainer_down_is_unavailable_with_a_hint(
+    moto_server: MotoServer, refit_bucket: str, torchserve: TorchServeProcess
+) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    settings = service_settings(
+        moto_server, refit_bucket, torchserve.ports, trainer_address=nowhere
+    )
+    refit = start_service(settings, wait_ready=False)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{refit.port}") as channel:
+            stub = refit_pb2_grpc.RefitStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                retrain(stub, "colours", "s3://data/colours")
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"trainer at {nowhere} is unreachable" in caught.value.details()
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.WatchJob(pb.WatchJobRequest(id="job-x"), timeout=10))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        refit.stop()
 
 
 def test_unknown_job(api) -> None:
@@ -323,7 +391,7 @@ class TrainerProcess:
             "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ts.ports.grpc_inference}",
             "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ts.ports.grpc_management}",
             "REFIT_TRAINER_DEVICE": "cpu",
-            "REFIT_TRAINER_LOADER_WORKERS": "0",
+            "REFIT_TRAINER_LOADER_WORKERS": "1",  # DataLoader workers next to gRPC threads
             "REFIT_TRAINER_LOG_EVERY": "1",
         }
         self.process: subprocess.Popen | None = None

@@ -6,9 +6,9 @@ import grpc
 import pytest
 
 from refit import errors
+from refit.errors import ErrorInterceptor, to_status
 from refit.registry import InvalidModelName, ModelNotFound
 from refit.storage import NoSuchBucket
-from service.errors import ErrorInterceptor, to_status
 
 
 @pytest.mark.parametrize(

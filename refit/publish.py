@@ -1,0 +1,205 @@
+"""Publishing a trained version, and changing which version is the default.
+
+publish(): register the archive with TorchServe from the object store, smoke-test one inference,
+add the VersionRecord to the registry, then the promotion gate decides whether it becomes the
+default. The order keeps readers safe: a version is in the registry (so the service's reconciler
+and catalog see it) only once TorchServe serves it, and the default flips only after that, so the
+old default answers every request until the switch.
+
+The gate: the candidate's validation accuracy against the current default's on the SAME
+validation split (the caller evaluates the default, see ``BaselineFn``). A default whose class
+names differ from the candidate's cannot be compared: the candidate stays a candidate unless
+``force`` (changing the labels clients get back is a decision for a person, not the gate).
+
+No torch here: the service uses promote/delete too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from refit.errors import FailedPrecondition, NotFound, RefitError
+from refit.registry import Registry, VersionRecord, check_model_name
+from refit.storage import ObjectStore
+from refit.torchserve import TorchServeClient
+
+log = logging.getLogger(__name__)
+
+
+class PublishFailed(RefitError):
+    """The archive did not load or answer in TorchServe; nothing was published."""
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The current default, evaluated on the candidate's validation split."""
+
+    version: str
+    accuracy: float | None  # None: not comparable (see reason)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+    candidate_accuracy: float
+    baseline: Baseline | None  # None: the model had no default
+
+    def as_dict(self) -> dict:
+        base = self.baseline
+        return {
+            "promoted": self.promote,
+            "reason": self.reason,
+            "candidate_accuracy": self.candidate_accuracy,
+            "baseline_version": base.version if base else "",
+            "baseline_accuracy": base.accuracy if base and base.accuracy is not None else 0.0,
+            "baseline_evaluated": bool(base and base.accuracy is not None),
+        }
+
+
+BaselineFn = Callable[[VersionRecord], Baseline]  # current default record -> its evaluation
+
+
+def decide(
+    candidate_accuracy: float, baseline: Baseline | None, *, margin: float, force: bool
+) -> GateDecision:
+    """Promote when the candidate is at least as good as the default plus ``margin``."""
+    if force:
+        return GateDecision(True, "forced by the request", candidate_accuracy, baseline)
+    if baseline is None:
+        return GateDecision(True, "first version with a default", candidate_accuracy, None)
+    if baseline.accuracy is None:
+        reason = f"not comparable with default v{baseline.version}: {baseline.reason}; use force"
+        return GateDecision(False, reason, candidate_accuracy, baseline)
+    needed = baseline.accuracy + margin
+    verdict = ">=" if candidate_accuracy >= needed else "<"
+    reason = (
+        f"val_accuracy {candidate_accuracy:.4f} {verdict} default v{baseline.version} "
+        f"{baseline.accuracy:.4f} + margin {margin:g}"
+    )
+    return GateDecision(candidate_accuracy >= needed, reason, candidate_accuracy, baseline)
+
+
+def version_key(model: str, version: str) -> str:
+    # Mirrors refit.registry's layout (registry/<model>/versions/<version>.json).
+    return f"registry/{check_model_name(model)}/versions/{version}.json"
+
+
+def smoke_image() -> bytes:
+    """A small neutral PNG: enough to prove the archive loads, decodes and answers."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class Publisher:
+    def __init__(self, store: ObjectStore, bucket: str, torchserve: TorchServeClient) -> None:
+        self.store = store
+        self.bucket = bucket
+        self.torchserve = torchserve
+        self.registry = Registry(store, bucket)
+
+    # --- publish a new version -------------------------------------------------------------------
+
+    def publish(
+        self,
+        record: VersionRecord,
+        *,
+        baseline: BaselineFn,
+        margin: float = 0.0,
+        force: bool = False,
+    ) -> GateDecision:
+        """Serve, smoke-test, register and gate ``record``; returns the gate's decision."""
+        existing = self._existing(record)
+        default = self.registry.default_version(record.model)
+        # Evaluating the default (seconds of CPU) overlaps TorchServe loading the archive.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate") as pool:
+            future = None
+            if default is not None and default != record.version:
+                future = pool.submit(baseline, self.registry.get(record.model, default))
+            self._serve(record, reload=existing is None)
+            if existing is None:
+                self.registry.add(record)
+            evaluated = future.result() if future is not None else None
+        decision = decide(
+            record.metrics.get("val_accuracy", 0.0), evaluated, margin=margin, force=force
+        )
+        log.info("%s v%s: %s", record.model, record.version, decision.reason)
+        if decision.promote:
+            self.promote(record.model, record.version)
+        return decision
+
+    def withdraw(self, model: str, version: str) -> None:
+        """Undo a publish that did not reach the registry (failed or interrupted)."""
+        if self.store.stat(self.bucket, version_key(model, version)) is not None:
+            return  # published: not ours to undo
+        if self._served(model, version):
+            self.torchserve.unregister(model, version)
+
+    def _existing(self, record: VersionRecord) -> VersionRecord | None:
+        """The same job's record when an interrupted publish already added it."""
+        if self.store.stat(self.bucket, version_key(record.model, record.version)) is None:
+            return None
+        existing = self.registry.get(record.model, record.version)
+        if existing.lineage.get("job_id") != record.lineage.get("job_id"):
+            raise FailedPrecondition(
+                f"{record.model} v{record.version} already exists (job "
+                f"{existing.lineage.get('job_id') or 'unknown'}); versions are immutable"
+            )
+        return existing
+
+    def _serve(self, record: VersionRecord, *, reload: bool) -> None:
+        model, version = record.model, record.version
+        if self._served(model, version):
+            if not reload:
+                return
+            # Left by an interrupted attempt, maybe from another archive: load ours instead.
+            self.torchserve.unregister(model, version)
+        self.torchserve.register(model, self.store.url(self.bucket, record.archive_key))
+        try:
+            self._smoke_test(record)
+        except RefitError as exc:
+            self.torchserve.unregister(model, version)
+            raise PublishFailed(f"{model} v{version} failed its smoke test: {exc.message}") from exc
+
+    def _smoke_test(self, record: VersionRecord) -> None:
+        answer = self.torchserve.predict(record.model, record.version, smoke_image(), top_k=1)
+        labels = [p.get("label") for p in answer.get("predictions", [])]
+        if not labels or labels[0] not in record.class_names:
+            raise PublishFailed(f"unexpected answer {str(answer)[:200]}")
+
+    def _served(self, model: str, version: str) -> bool:
+        return any(
+            v.model == model and v.version == version for v in self.torchserve.served_versions()
+        )
+
+    # --- defaults and deletion -------------------------------------------------------------------
+
+    def promote(self, model: str, version: str) -> None:
+        """Make ``version`` the default: TorchServe first, then the registry (the truth)."""
+        record = self.registry.get(model, version)
+        if not self._served(model, version):
+            self.torchserve.register(model, self.store.url(self.bucket, record.archive_key))
+        self.torchserve.set_default(model, version)
+        self.registry.set_default(model, version)
+
+    def delete_version(self, model: str, version: str) -> None:
+        """Remove a version from the registry, then TorchServe. The archive stays: archives are
+        immutable and content-addressed, and lineage of other versions may point at them."""
+        if self.registry.default_version(model) == version:
+            raise FailedPrecondition(
+                f"v{version} is the default of {model!r}; promote another version first"
+            )
+        self.registry.get(model, version)  # NOT_FOUND when absent
+        self.store.delete(self.bucket, version_key(model, version))
+        # NotFound: TorchServe never loaded it (or was restarted): nothing to unload.
+        with contextlib.suppress(NotFound):
+            self.torchserve.unregister(model, version)

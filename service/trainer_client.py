@@ -1,0 +1,77 @@
+"""The one module that talks to the trainer process, through its internal gRPC API.
+
+The trainer's own status codes (ALREADY_EXISTS naming the active job, NOT_FOUND...) pass through
+unchanged as domain errors; an unreachable trainer becomes UNAVAILABLE with a hint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+
+from refit.errors import RefitError, Unavailable
+from refit.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from refit.v1 import refit_pb2 as pb
+
+
+class TrainerError(RefitError):
+    """An error the trainer answered with; keeps its status code."""
+
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TrainerClient:
+    def __init__(self, target: str, *, timeout_s: float = 10.0) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(target)
+        self._stub = trainer_pb2_grpc.TrainerStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def submit(self, request: pb.RetrainRequest) -> pb.Job:
+        with self._translate():
+            return self._stub.Submit(request, timeout=self.timeout_s)
+
+    def get_job(self, job_id: str) -> pb.Job:
+        with self._translate():
+            return self._stub.GetJob(pb.GetJobRequest(id=job_id), timeout=self.timeout_s)
+
+    def list_jobs(self, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
+        with self._translate():
+            return self._stub.ListJobs(request, timeout=self.timeout_s)
+
+    def cancel_job(self, job_id: str) -> pb.Job:
+        with self._translate():
+            return self._stub.CancelJob(pb.CancelJobRequest(id=job_id), timeout=self.timeout_s)
+
+    def watch_job(self, job_id: str) -> grpc.Call:
+        """The event stream (iterate it; ``cancel()`` it when the watcher goes away)."""
+        return self._stub.WatchJob(pb.WatchJobRequest(id=job_id))
+
+    def subscribe(self) -> grpc.Call:
+        return self._stub.Subscribe(trainer_pb2.SubscribeRequest())
+
+    def events(self, call: grpc.Call) -> Iterator[pb.JobEvent]:
+        """Iterates a stream from watch_job/subscribe, translating its errors."""
+        with self._translate():
+            yield from call
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise Unavailable(
+                    f"the trainer at {self.target} is unreachable ({details}); retry shortly"
+                ) from exc
+            if code == grpc.StatusCode.CANCELLED:
+                raise TrainerError("the watch was cancelled", code) from exc
+            raise TrainerError(details or f"trainer answered {code.name}", code) from exc

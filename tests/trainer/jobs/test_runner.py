@@ -1,0 +1,90 @@
+"""Pure pieces of the job runner: request -> TrainConfig, engine events -> job states."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from refit.registry import InvalidModelName
+from trainer.engine import ProgressEvent
+from trainer.jobs.records import EXPORTING, TRAINING
+from trainer.jobs.runner import _ProgressSink, train_config
+from trainer.jobs.settings import TrainerSettings
+
+SETTINGS = TrainerSettings(bucket="b", loader_workers=3, device="cpu", weights_uri="s3://w/")
+
+
+def test_zero_values_mean_defaults_and_the_job_pins_run_id_and_version() -> None:
+    config = train_config(
+        {"model": "m", "dataset_uri": "s3://d/p"}, SETTINGS, job_id="job-1", version="4"
+    )
+    assert (config.out, config.dataset, config.epochs, config.lr) == ("m", "s3://d/p", 8, 2e-3)
+    assert config.run_id == "job-1" and config.version == "4" and config.resume
+    assert (config.bucket, config.workers, config.device) == ("b", 3, "cpu")
+    assert config.freeze is None and config.init_from is None and config.log_every == 1
+
+
+def test_hyperparameters_and_base_version_are_passed_on() -> None:
+    request = {
+        "model": "m",
+        "dataset_uri": "s3://d/p",
+        "base_version": "2",
+        "backbone": "resnet18",
+        "hyperparameters": {"epochs": 3, "batch_size": 8, "lr": 0.01, "crop_size": 64,
+                            "val_fraction": 0.3, "seed": 5, "freeze": -1, "patience": 2},
+    }  # fmt: skip
+    config = train_config(request, SETTINGS)
+    assert config.init_from == "m:2" and config.backbone == "resnet18"
+    assert (config.epochs, config.batch_size, config.lr, config.crop_size) == (3, 8, 0.01, 64)
+    assert (config.val_fraction, config.seed, config.freeze, config.patience) == (0.3, 5, -1, 2)
+
+
+@pytest.mark.parametrize(
+    ("request_", "error"),
+    [
+        ({"model": "Bad!", "dataset_uri": "s3://d/p"}, InvalidModelName),
+        ({"model": "m", "dataset_uri": "/local/dir"}, ValueError),
+        ({"model": "m", "dataset_uri": "s3://d/p", "hyperparameters": {"lr": -1}}, ValueError),
+    ],
+)
+def test_invalid_requests(request_: dict, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        train_config(request_, SETTINGS)
+
+
+class Context:
+    def __init__(self) -> None:
+        self.states: list[str] = []
+        self.progress_seen: list[tuple[dict, bool]] = []
+
+    def set_state(self, state: str) -> None:
+        self.states.append(state)
+
+    def progress(self, progress: dict, *, persist: bool) -> None:
+        self.progress_seen.append((progress, persist))
+
+
+def event(kind: str, epoch: int, batch: int, eta: float = 10.0) -> ProgressEvent:
+    val = {"loss": 0.5, "accuracy": 0.75} if kind == "epoch" else None
+    return ProgressEvent(kind, epoch, 2, batch, 4, 1.0, 0.5, 30.0, eta, val=val)
+
+
+def test_sink_starts_training_throttles_batches_and_exports_after_the_last_epoch() -> None:
+    context = Context()
+    sink = _ProgressSink(context, every=2)
+    sink(event("batch", 0, 1, eta=math.inf))
+    assert context.states == [TRAINING] and not context.progress_seen  # batch 1: throttled
+    for batch in (2, 3, 4):
+        sink(event("batch", 0, batch))
+    sink(event("epoch", 0, 4))
+    sink(event("epoch", 1, 4))
+    assert context.states == [TRAINING, EXPORTING]
+    seen = context.progress_seen
+    sent = [(p["epoch"], p["batch"], p["epoch_end"], persist) for p, persist in seen]
+    assert sent == [(1, 2, False, False), (1, 4, False, False), (1, 4, True, True),
+                    (2, 4, True, True)]  # fmt: skip
+    assert context.progress_seen[2][0]["val_accuracy"] == 0.75
+    sink2 = _ProgressSink(Context(), every=1)
+    sink2(event("batch", 0, 1, eta=math.inf))
+    assert sink2.context.progress_seen[0][0]["eta_seconds"] == -1.0  # unknown yet

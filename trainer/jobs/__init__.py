@@ -1,0 +1,2 @@
+"""Retraining jobs: durable records (``records``), the queue and its worker (``manager``), what a
+job does (``runner``: train, gate, publish) and the proto form (``protos``)."""

@@ -1,0 +1,166 @@
+"""What one retraining job does: train (resuming from its checkpoint), then publish and gate.
+
+The job's id is its training run id, so a job interrupted by a trainer restart continues from its
+last epoch checkpoint; its version is pinned when it first starts, so it publishes the same one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from refit.errors import InvalidArgument, RefitError
+from refit.publish import Publisher
+from refit.registry import Registry, RegistryError, VersionRecord, check_model_name
+from refit.storage import ObjectStore, S3Uri, StorageError
+from trainer.config import TrainConfig
+from trainer.jobs.manager import JobContext
+from trainer.jobs.records import EXPORTING, PUBLISHING, TRAINING, JobCancelled, JobFailed, JobRecord
+from trainer.jobs.settings import TrainerSettings
+
+
+def train_config(request: dict, settings: TrainerSettings, *, job_id: str = "",
+                 version: str | None = None) -> TrainConfig:  # fmt: skip
+    """The engine's config for a RetrainRequest (proto JSON form); zero values: defaults."""
+    model = check_model_name(request.get("model", ""))
+    dataset = request.get("dataset_uri", "")
+    S3Uri.parse(dataset)  # ValueError names the expected form
+    hp = request.get("hyperparameters", {})
+    defaults = TrainConfig(dataset=dataset, out=model)
+    base = request.get("base_version", "")
+    return replace(
+        defaults,
+        backbone=request.get("backbone") or defaults.backbone,
+        init_from=f"{model}:{base}" if base else None,
+        freeze=int(hp["freeze"]) if "freeze" in hp else None,
+        epochs=int(hp.get("epochs") or defaults.epochs),
+        head_epochs=int(hp.get("head_epochs") or 0),
+        batch_size=int(hp.get("batch_size") or defaults.batch_size),
+        lr=float(hp.get("lr") or defaults.lr),
+        patience=int(hp["patience"]) if "patience" in hp else None,
+        crop_size=int(hp.get("crop_size") or defaults.crop_size),
+        val_fraction=float(hp.get("val_fraction") or defaults.val_fraction),
+        seed=int(hp.get("seed") or 0),
+        workers=settings.loader_workers,
+        device=settings.device,
+        bucket=settings.bucket,
+        weights_uri=settings.weights_uri,
+        version=version,
+        run_id=job_id or None,
+        resume=True,
+        log_every=1,  # every batch reaches the sink: TRAINING starts at the first one
+    )
+
+
+class TrainingRunner:
+    def __init__(self, settings: TrainerSettings, store: ObjectStore, publisher: Publisher) -> None:
+        self.settings = settings
+        self.store = store
+        self.publisher = publisher
+
+    def validate(self, request: dict) -> None:
+        try:
+            config = train_config(request, self.settings)
+        except RegistryError as exc:
+            raise InvalidArgument(exc.message) from exc
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"invalid retrain request: {exc}") from exc
+        if config.init_from is not None:
+            try:
+                Registry(self.store, self.settings.bucket).get(config.out, request["base_version"])
+            except RegistryError as exc:
+                raise InvalidArgument(f"base version: {exc.message}") from exc
+
+    def run(self, job: JobRecord, context: JobContext) -> None:
+        version = job.version or Registry(self.store, self.settings.bucket).next_version(job.model)
+        context.update(version=version)
+        config = train_config(job.request, self.settings, job_id=job.id, version=version)
+        result = self._train(config, context)
+        context.set_state(PUBLISHING)
+        context.update(metrics=result.metrics)
+        record = VersionRecord(
+            model=result.model,
+            version=result.version,
+            archive_key=result.archive_key,
+            class_names=result.class_names,
+            metrics=result.metrics,
+            lineage={
+                **result.lineage,
+                "base_version": job.request.get("base_version", ""),
+                "created_by": job.request.get("created_by", ""),
+                "job_id": job.id,
+            },
+        )
+        from trainer.jobs.gate import evaluate_default
+
+        decision = self._publish(
+            record,
+            lambda default: evaluate_default(self.store, config, result.class_names, default),
+            bool(job.request.get("force", False)),
+        )
+        context.update(gate=decision.as_dict())
+
+    def abandon(self, job: JobRecord) -> None:
+        if job.version:
+            self.publisher.withdraw(job.model, job.version)
+
+    def _train(self, config: TrainConfig, context: JobContext):
+        from trainer.backbones import BackboneError
+        from trainer.data import DatasetError
+        from trainer.engine import TrainingCancelled
+        from trainer.train import train_and_package
+
+        sink = _ProgressSink(context, self.settings.log_every)
+        try:
+            return train_and_package(config, self.store, on_event=sink, cancel=context.cancelled)
+        except TrainingCancelled as exc:
+            raise JobCancelled(exc.message) from exc
+        except (BackboneError, DatasetError, StorageError, RegistryError) as exc:
+            raise JobFailed(exc.message) from exc
+        except ValueError as exc:
+            raise JobFailed(str(exc)) from exc
+
+    def _publish(self, record: VersionRecord, baseline, force: bool):
+        try:
+            return self.publisher.publish(
+                record, baseline=baseline, margin=self.settings.gate_margin, force=force
+            )
+        except RefitError as exc:
+            raise JobFailed(f"publishing v{record.version} failed: {exc.message}") from exc
+
+
+class _ProgressSink:
+    """Engine progress events -> job state (TRAINING, then EXPORTING after the last epoch)."""
+
+    def __init__(self, context: JobContext, every: int) -> None:
+        self.context = context
+        self.every = max(every, 1)  # batches between progress events sent to watchers
+        self.training = False
+
+    def __call__(self, event) -> None:
+        if not self.training:
+            self.training = True
+            self.context.set_state(TRAINING)
+        epoch_end = event.kind == "epoch"
+        if not epoch_end and event.batch % self.every:
+            return
+        val = event.val or {}
+        eta = event.eta_seconds if math.isfinite(event.eta_seconds) else -1.0
+        self.context.progress(
+            {
+                "epoch": event.epoch + 1,
+                "epochs": event.epochs,
+                "batch": event.batch,
+                "batches": event.batches,
+                "loss": event.loss,
+                "accuracy": event.accuracy,
+                "images_per_second": event.images_per_second,
+                "eta_seconds": eta,
+                "val_loss": val.get("loss", 0.0),
+                "val_accuracy": val.get("accuracy", 0.0),
+                "epoch_end": epoch_end,
+            },
+            persist=epoch_end,
+        )
+        if epoch_end and event.epoch + 1 >= event.epochs:
+            self.context.set_state(EXPORTING)

@@ -1,0 +1,48 @@
+"""Typed, frozen trainer-process configuration, read once from the environment at start-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from refit.storage import StorageSettings
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    grpc_address: str = "127.0.0.1:50052"
+    metrics_address: str = "127.0.0.1:9102"
+    torchserve_inference: str = "127.0.0.1:7070"
+    torchserve_management: str = "127.0.0.1:7071"
+    bucket: str = "refit"
+    gate_margin: float = 0.0  # a candidate needs val_accuracy >= default's + this
+    device: str = "auto"
+    loader_workers: int = 2  # DataLoader processes per job
+    weights_uri: str = "s3://models/backbones/"
+    max_attempts: int = 3  # restarts a job survives before it fails
+    log_every: int = 5  # batches between progress events
+    register_timeout_s: float = 180.0
+    publish_base_model: bool = False  # publish imagenet v1 at start (compose)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> TrainerSettings:
+        env = dict(os.environ if env is None else env)
+        d = cls()
+        return cls(
+            grpc_address=env.get("REFIT_TRAINER_GRPC_ADDRESS", d.grpc_address),
+            metrics_address=env.get("REFIT_TRAINER_METRICS_ADDRESS", d.metrics_address),
+            torchserve_inference=env.get("REFIT_TORCHSERVE_INFERENCE", d.torchserve_inference),
+            torchserve_management=env.get("REFIT_TORCHSERVE_MANAGEMENT", d.torchserve_management),
+            bucket=env.get("REFIT_BUCKET", d.bucket),
+            gate_margin=float(env.get("REFIT_GATE_MARGIN", d.gate_margin)),
+            device=env.get("REFIT_TRAINER_DEVICE", d.device),
+            loader_workers=int(env.get("REFIT_TRAINER_LOADER_WORKERS", d.loader_workers)),
+            weights_uri=env.get("REFIT_WEIGHTS_URI", d.weights_uri),
+            max_attempts=int(env.get("REFIT_TRAINER_MAX_ATTEMPTS", d.max_attempts)),
+            log_every=int(env.get("REFIT_TRAINER_LOG_EVERY", d.log_every)),
+            register_timeout_s=float(env.get("REFIT_REGISTER_TIMEOUT_S", d.register_timeout_s)),
+            publish_base_model=env.get("REFIT_PUBLISH_BASE_MODEL", "false").lower()
+            in ("1", "true", "yes"),
+            storage=StorageSettings.from_env(env),
+        )

@@ -1,0 +1,159 @@
+"""The trainer process: ``python -m trainer.server``. Runs retraining jobs one at a time behind an
+internal gRPC API (refit.trainer.v1.Trainer) that only the refit service calls.
+
+On start it resumes jobs a restart interrupted and, when REFIT_PUBLISH_BASE_MODEL is set,
+publishes the base model (compose: the trainer container replaces the one-shot init).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from refit import logs
+from refit.errors import ErrorInterceptor
+from refit.publish import Publisher
+from refit.torchserve import TorchServeClient
+from refit.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from refit.v1 import refit_pb2 as pb
+from trainer.jobs.manager import JobManager, JobRunner
+from trainer.jobs.protos import job_to_proto, request_to_dict, state_names
+from trainer.jobs.records import JobStore
+from trainer.jobs.runner import TrainingRunner
+from trainer.jobs.settings import TrainerSettings
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
+    """Thin: proto <-> JobManager; errors are mapped by ErrorInterceptor."""
+
+    def __init__(self, jobs: JobManager) -> None:
+        self.jobs = jobs
+
+    def Submit(self, request: pb.RetrainRequest, context: grpc.ServicerContext) -> pb.Job:
+        return self._job(self.jobs.submit(request_to_dict(request)).id)
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return self._job(request.id)
+
+    def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.ServicerContext
+    ) -> pb.ListJobsResponse:
+        records = self.jobs.list(request.model, state_names(request.states), request.limit or 100)
+        return pb.ListJobsResponse(jobs=[self._proto(r) for r in records])
+
+    def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.JobEvent]:
+        for kind, record in self.jobs.follow(request.id, context.is_active):
+            yield pb.JobEvent(job=self._proto(record), kind=kind)
+
+    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return self._proto(self.jobs.cancel(request.id))
+
+    def Subscribe(
+        self, request: trainer_pb2.SubscribeRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.JobEvent]:
+        for kind, record in self.jobs.follow(None, context.is_active):
+            yield pb.JobEvent(job=self._proto(record), kind=kind)
+
+    def _job(self, job_id: str) -> pb.Job:
+        return self._proto(self.jobs.get(job_id))
+
+    def _proto(self, record) -> pb.Job:
+        return job_to_proto(record, self.jobs.queue_position(record.id))
+
+
+@dataclass
+class TrainerServer:
+    server: grpc.Server
+    port: int
+    jobs: JobManager
+    torchserve: TorchServeClient
+    health: health.HealthServicer
+
+    def start(self) -> None:
+        self.jobs.start()
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.jobs.stop()
+        self.server.stop(grace_s).wait()
+        self.torchserve.close()
+
+
+def build_server(settings: TrainerSettings, runner: JobRunner | None = None) -> TrainerServer:
+    """``runner``: what a job does; the real TrainingRunner unless a test injects one."""
+    store = settings.storage.open()
+    store.ensure_bucket(settings.bucket)
+    torchserve = TorchServeClient(
+        settings.torchserve_inference,
+        settings.torchserve_management,
+        register_timeout_s=settings.register_timeout_s,
+    )
+    if runner is None:
+        runner = TrainingRunner(settings, store, Publisher(store, settings.bucket, torchserve))
+    jobs = JobManager(JobStore(store, settings.bucket), runner, max_attempts=settings.max_attempts)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=32, thread_name_prefix="trainer-grpc"),
+        interceptors=[ErrorInterceptor()],
+    )
+    trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(jobs), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(settings.grpc_address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC address {settings.grpc_address}")
+    return TrainerServer(server, port, jobs, torchserve, health_servicer)
+
+
+def use_forkserver() -> None:
+    """DataLoader workers forked from this process (which runs gRPC threads) can die: gRPC is
+    not fork-safe. Fork them from a clean server process instead, torch preloaded so each worker
+    still starts in milliseconds."""
+    multiprocessing.set_forkserver_preload(["torch", "trainer.train"])
+    multiprocessing.set_start_method("forkserver", force=True)
+
+
+def main() -> None:
+    logs.configure("trainer")
+    settings = TrainerSettings.from_env()
+    use_forkserver()
+    if settings.publish_base_model:
+        from trainer.base_model import publish_base_model
+
+        record = publish_base_model(settings.storage.open(), settings.bucket)
+        log.info("base model: %s v%s", record.model, record.version)
+    host, _, port = settings.metrics_address.rpartition(":")
+    start_http_server(int(port), addr=host)
+    trainer = build_server(settings)
+    trainer.start()
+    log.info("trainer on %s (metrics on %s)", settings.grpc_address, settings.metrics_address)
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    trainer.stop()
+
+
+if __name__ == "__main__":
+    main()
