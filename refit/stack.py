@@ -177,7 +177,7 @@ class Stack:
             env=env,
             check=True,
         )
-        self.trainer.start(env)
+        self.trainer.start({**env, "PROMETHEUS_MULTIPROC_DIR": str(self._fresh_metrics_dir())})
         self._wait(self.settings.trainer_address, timeout_s, self.trainer)
         _step(
             "trainer",
@@ -198,6 +198,14 @@ class Stack:
             f"http://{self.settings.metrics_address}/metrics)",
         )
         print(f"ready. logs: {self.settings.data_dir / 'logs'}; try: refit predict IMAGE")
+
+    def _fresh_metrics_dir(self) -> Path:
+        """The trainer's DataLoader workers report metrics through files here (multiprocess)."""
+        path = self.settings.data_dir / "run" / "trainer-metrics"
+        if self.trainer.pid() is None:  # never wipe the files of a running trainer
+            shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     @staticmethod
     def _wait(address: str, timeout_s: float, daemon: Daemon) -> None:

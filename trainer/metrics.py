@@ -1,12 +1,17 @@
 """Every Prometheus metric of the trainer process, in one place.
 
-Counters incremented inside DataLoader worker processes reach the main process's registry only in
-prometheus_client's multiprocess mode (set PROMETHEUS_MULTIPROC_DIR before the workers start).
+Dataset counters are incremented inside DataLoader worker processes. They reach /metrics through
+prometheus_client's multiprocess mode: the launcher sets PROMETHEUS_MULTIPROC_DIR to an empty
+directory before the trainer starts (``make up`` and compose do), and ``serve`` then collects
+every process's values. Gauges are set by the main process only ("livemostrecent").
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 
 DATASET_OBJECTS_READ = Counter(
     "refit_dataset_objects_read_total",
@@ -25,29 +30,59 @@ DATASET_BAD_IMAGES = Counter(
 )
 
 # --- fine-tuning loop (trainer/train.py feeds these from its progress events) ---
-TRAINER_EPOCH = Gauge("refit_trainer_epoch", "Current training epoch (1-based).")
-TRAINER_LOSS = Gauge("refit_trainer_loss", "Mean loss of the last epoch.", ["split"])  # train|val
+TRAINER_EPOCH = Gauge(
+    "refit_trainer_epoch", "Current training epoch (1-based).", multiprocess_mode="livemostrecent"
+)
+TRAINER_LOSS = Gauge(
+    "refit_trainer_loss",
+    "Mean loss of the last epoch.",
+    ["split"],
+    multiprocess_mode="livemostrecent",
+)  # train|val
 TRAINER_ACCURACY = Gauge(
-    "refit_trainer_accuracy", "Accuracy of the last epoch (0-1).", ["split"]
+    "refit_trainer_accuracy",
+    "Accuracy of the last epoch (0-1).",
+    ["split"],
+    multiprocess_mode="livemostrecent",
 )  # train|val
 TRAINER_IMAGES_PER_SECOND = Gauge(
-    "refit_trainer_images_per_second", "Training throughput over the current epoch."
+    "refit_trainer_images_per_second",
+    "Training throughput over the current epoch.",
+    multiprocess_mode="livemostrecent",
 )
 TRAINER_DATA_WAIT_RATIO = Gauge(
-    "refit_trainer_data_wait_ratio", "Fraction of training step time spent waiting for data."
+    "refit_trainer_data_wait_ratio",
+    "Fraction of training step time spent waiting for data.",
+    multiprocess_mode="livemostrecent",
 )
 TRAINER_GPU_MEMORY_BYTES = Gauge(
-    "refit_trainer_gpu_memory_bytes", "Peak GPU memory allocated by this process (0 on CPU)."
+    "refit_trainer_gpu_memory_bytes",
+    "Peak GPU memory allocated by this process (0 on CPU).",
+    multiprocess_mode="livemostrecent",
 )
 
 # --- retraining jobs (trainer/jobs/manager.py) ---
 TRAINER_JOBS = Counter(
     "refit_trainer_jobs_total", "Retraining jobs that ended, by final state.", ["state"]
 )  # succeeded | failed | cancelled
-TRAINER_QUEUE_LENGTH = Gauge("refit_trainer_queue_length", "Retraining jobs waiting to start.")
+TRAINER_QUEUE_LENGTH = Gauge(
+    "refit_trainer_queue_length",
+    "Retraining jobs waiting to start.",
+    multiprocess_mode="livemostrecent",
+)
 TRAINER_JOB_PHASE_SECONDS = Histogram(
     "refit_trainer_job_phase_seconds",
     "Time retraining jobs spent in each phase.",
     ["phase"],  # queue | data | train | export | publish
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200),
 )
+
+
+def serve(address: str) -> None:
+    """Serves /metrics on ``host:port``; with every process's values in multiprocess mode."""
+    host, _, port = address.rpartition(":")
+    registry = None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    start_http_server(int(port), addr=host, **({"registry": registry} if registry else {}))

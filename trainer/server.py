@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from refit import logs
 from refit.errors import ErrorInterceptor
@@ -26,6 +25,7 @@ from refit.publish import Publisher
 from refit.torchserve import TorchServeClient
 from refit.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from refit.v1 import refit_pb2 as pb
+from trainer import metrics
 from trainer.jobs.manager import JobManager, JobRunner
 from trainer.jobs.protos import job_to_proto, request_to_dict, state_names
 from trainer.jobs.records import JobStore
@@ -143,8 +143,7 @@ def main() -> None:
 
         record = publish_base_model(settings.storage.open(), settings.bucket)
         log.info("base model: %s v%s", record.model, record.version)
-    host, _, port = settings.metrics_address.rpartition(":")
-    start_http_server(int(port), addr=host)
+    metrics.serve(settings.metrics_address)
     trainer = build_server(settings)
     trainer.start()
     log.info("trainer on %s (metrics on %s)", settings.grpc_address, settings.metrics_address)
