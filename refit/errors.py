@@ -12,9 +12,6 @@ from typing import Any
 
 import grpc
 
-from refit.registry import InvalidModelName, ModelNotFound
-from refit.storage import StorageError
-
 
 class RefitError(Exception):
     code = grpc.StatusCode.INTERNAL
@@ -55,20 +52,9 @@ class FailedPrecondition(RefitError):
 log = logging.getLogger(__name__)
 
 
-# Errors raised by shared modules (no gRPC there) and the status each one means.
-_FOREIGN: dict[type[Exception], grpc.StatusCode] = {
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    InvalidModelName: grpc.StatusCode.INVALID_ARGUMENT,
-    StorageError: grpc.StatusCode.UNAVAILABLE,
-}
-
-
 def to_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RefitError):
         return exc.code, exc.message
-    for kind, code in _FOREIGN.items():
-        if isinstance(exc, kind):
-            return code, getattr(exc, "message", str(exc))
     log.exception("unexpected error", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
 

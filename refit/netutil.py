@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -34,3 +36,11 @@ def wait_serving(
                 pass
             time.sleep(0.2)
     raise TimeoutError(f"{address} was not SERVING after {timeout_s:.0f}s")
+
+
+def wait_for_signal() -> None:
+    """Blocks until SIGTERM or SIGINT: the servers' mains then stop gracefully."""
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()

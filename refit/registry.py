@@ -14,22 +14,21 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
+from refit.errors import InvalidArgument, NotFound, RefitError
 from refit.storage import ObjectStore
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
-class RegistryError(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+class RegistryError(RefitError):
+    """Base class of registry errors."""
 
 
-class ModelNotFound(RegistryError):
+class ModelNotFound(RegistryError, NotFound):
     pass
 
 
-class InvalidModelName(RegistryError):
+class InvalidModelName(RegistryError, InvalidArgument):
     pass
 
 

@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
+from refit.errors import Unavailable
 
-class StorageError(Exception):
+
+class StorageError(Unavailable):
     """Base class of storage failures; ``message`` says what a user can do about it."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class NoSuchObject(StorageError):

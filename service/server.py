@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from prometheus_client import start_http_server
 
 from refit import logs
 from refit.errors import ErrorInterceptor
+from refit.netutil import wait_for_signal
 from refit.publish import Publisher
 from refit.registry import Registry
 from refit.torchserve import TorchServeClient
@@ -129,10 +129,7 @@ def main() -> None:
     refit = build_server(settings)
     refit.start(settings.reconcile_interval_s)
     log.info("refit service on %s (metrics on %s)", settings.grpc_address, settings.metrics_address)
-    stopped = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopped.set())
-    stopped.wait()
+    wait_for_signal()
     refit.stop()
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import signal
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from refit import logs
 from refit.errors import ErrorInterceptor
+from refit.netutil import wait_for_signal
 from refit.publish import Publisher
 from refit.torchserve import TorchServeClient
 from refit.trainer.v1 import trainer_pb2, trainer_pb2_grpc
@@ -147,10 +146,7 @@ def main() -> None:
     trainer = build_server(settings)
     trainer.start()
     log.info("trainer on %s (metrics on %s)", settings.grpc_address, settings.metrics_address)
-    stopped = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopped.set())
-    stopped.wait()
+    wait_for_signal()
     trainer.stop()
 
 
