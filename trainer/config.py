@@ -1,0 +1,188 @@
+"""Fine-tuning configuration and its command-line form. No torch import: ``refit train --help``
+stays fast and the CLI builds its parser from here."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+NO_FREEZE = -1  # mirrors trainer.finetune.NO_FREEZE without importing torch
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # RandomResizedCrop area range; (1, 1): no crop
+    hflip: float = 0.5  # probability
+    rotation: float = 0.0  # max degrees either way
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0: off
+
+    def __post_init__(self) -> None:
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip is a probability, got {self.hflip}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str  # s3://bucket/prefix
+    out: str  # model name of the result
+    backbone: str = "efficientnet_lite0"
+    init_from: str | None = None  # "MODEL:VERSION" of a published model to continue from
+    pretrained: bool = True  # False: random init (the from-scratch baseline)
+    freeze: int | None = None  # stem + first K units frozen; -1 none; None: backbone default
+    epochs: int = 8
+    head_epochs: int = 0  # > 0: two phases, head only first, then unfreeze down to `freeze`
+    finetune_lr_scale: float = 0.1  # phase-two LR = lr * this
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    patience: int | None = None  # early stopping: epochs without val-accuracy gain
+    crop_size: int = 224
+    resize_size: int | None = None  # None: crop_size / 0.875
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    val_fraction: float = 0.2
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda
+    channels_last: bool | None = None  # None: on for CUDA only
+    bucket: str = "refit"  # archives, weights and checkpoints go here
+    weights_uri: str = "s3://models/backbones/"  # torchvision ImageNet weights: <uri>/<name>.pth
+    version: str | None = None  # archive version; None: the registry's next version
+    run_id: str | None = None  # checkpoint folder; None: derived from config + dataset digest
+    resume: bool = True
+    log_every: int = 10  # batches between progress events
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.head_epochs < 0 or self.head_epochs > self.epochs:
+            raise ValueError("need epochs >= 1 and 0 <= head_epochs <= epochs")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("batch_size and lr must be positive")
+        if self.freeze is not None and self.freeze < NO_FREEZE:
+            raise ValueError(f"freeze must be >= {NO_FREEZE}, got {self.freeze}")
+        if self.init_from is not None and ":" not in self.init_from:
+            raise ValueError(f"init_from is MODEL:VERSION, got {self.init_from!r}")
+
+    @property
+    def eval_resize(self) -> int:
+        return self.resize_size or round(self.crop_size / 0.875)
+
+    def hyperparameters(self) -> dict:
+        keys = (
+            "epochs",
+            "head_epochs",
+            "finetune_lr_scale",
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "label_smoothing",
+            "patience",
+            "crop_size",
+            "val_fraction",
+            "seed",
+        )
+        params = {k: getattr(self, k) for k in keys}
+        params["resize_size"] = self.eval_resize
+        params["augmentation"] = asdict(self.augmentation)
+        return params
+
+    def fingerprint(self, dataset_digest: str) -> str:
+        """Same config on the same data -> same run id, so a rerun resumes its checkpoint."""
+        fields = asdict(self)
+        for volatile in ("run_id", "resume", "workers", "log_every", "device", "version"):
+            fields.pop(volatile)
+        blob = json.dumps([fields, dataset_digest], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_freeze(text: str) -> int | None:
+    if text == "default":
+        return None
+    if text == "none":
+        return NO_FREEZE
+    return int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    a = parser.add_argument
+    a("--dataset", required=True, help="s3://BUCKET/PREFIX of the labelled images")
+    a("--out", required=True, help="model name of the result")
+    a("--backbone", default="efficientnet_lite0")
+    a(
+        "--from",
+        dest="init_from",
+        default=None,
+        metavar="MODEL:VERSION",
+        help="continue from a published model version instead of an ImageNet backbone",
+    )
+    a("--scratch", action="store_true", help="random init instead of pretrained weights")
+    a(
+        "--freeze",
+        type=parse_freeze,
+        default=None,
+        help="units frozen above the stem (int), 'none' or 'default'",
+    )
+    a("--epochs", type=int, default=8)
+    a("--head-epochs", type=int, default=0, help="head-only epochs before unfreezing")
+    a("--finetune-lr-scale", type=float, default=0.1)
+    a("--batch-size", type=int, default=32)
+    a("--lr", type=float, default=2e-3)
+    a("--weight-decay", type=float, default=0.05)
+    a("--label-smoothing", type=float, default=0.1)
+    a("--patience", type=int, default=None)
+    a("--crop-size", type=int, default=224)
+    a("--resize-size", type=int, default=None)
+    a("--crop-scale", type=float, nargs=2, default=(0.6, 1.0))
+    a("--hflip", type=float, default=0.5)
+    a("--rotation", type=float, default=0.0)
+    a("--color-jitter", type=float, default=0.0)
+    a("--val-fraction", type=float, default=0.2)
+    a("--seed", type=int, default=0)
+    a("--workers", type=int, default=2)
+    a("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    a("--bucket", default="refit", help="bucket for archives, weights and checkpoints")
+    a("--weights-uri", default="s3://models/backbones/")
+    a("--version", default=None)
+    a("--run-id", default=None)
+    a("--no-resume", dest="resume", action="store_false")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        dataset=args.dataset,
+        out=args.out,
+        backbone=args.backbone,
+        init_from=args.init_from,
+        pretrained=not args.scratch,
+        freeze=args.freeze,
+        epochs=args.epochs,
+        head_epochs=args.head_epochs,
+        finetune_lr_scale=args.finetune_lr_scale,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        patience=args.patience,
+        crop_size=args.crop_size,
+        resize_size=args.resize_size,
+        augmentation=Augmentation(
+            crop_scale=tuple(args.crop_scale),
+            hflip=args.hflip,
+            rotation=args.rotation,
+            color_jitter=args.color_jitter,
+        ),
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        device=args.device,
+        bucket=args.bucket,
+        weights_uri=args.weights_uri,
+        version=args.version,
+        run_id=args.run_id,
+        resume=args.resume,
+    )

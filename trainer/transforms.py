@@ -1,0 +1,53 @@
+"""Image transforms. Evaluation mirrors the serving handler exactly (same Preprocessing), so the
+accuracy measured at validation is the accuracy served."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from trainer.config import Augmentation
+from trainer.package import Preprocessing
+
+__all__ = ["Augmentation", "eval_transform", "train_transform"]
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    # The handler converts every image to RGB; grayscale datasets must look the same in training.
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def train_transform(pre: Preprocessing, aug: Augmentation) -> Transform:
+    steps: list = [v2.Lambda(to_rgb), v2.ToImage()]
+    if aug.crop_scale == (1.0, 1.0):
+        steps += [v2.Resize(pre.resize_size, antialias=True), v2.CenterCrop(pre.crop_size)]
+    else:
+        steps.append(v2.RandomResizedCrop(pre.crop_size, scale=aug.crop_scale, antialias=True))
+    if aug.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(aug.hflip))
+    if aug.rotation > 0:
+        steps.append(v2.RandomRotation(aug.rotation))
+    if aug.color_jitter > 0:
+        j = aug.color_jitter
+        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
+    return v2.Compose(steps)
+
+
+def eval_transform(pre: Preprocessing) -> Transform:
+    """The serving handler's pipeline (trainer/serving/handler.py), step for step."""
+    return v2.Compose(
+        [
+            v2.Lambda(to_rgb),
+            v2.ToImage(),
+            v2.Resize(pre.resize_size, antialias=True),
+            v2.CenterCrop(pre.crop_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(pre.mean, pre.std),
+        ]
+    )
