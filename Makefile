@@ -38,8 +38,12 @@ lint: install
 test: lint
 	$(PY) -m pytest -q
 
+# Long measurements, never part of `make test`; figures go to docs/benchmarks.md.
 bench: install
-	$(PY) bench/run_all.py
+	$(PY) bench/predict_latency.py
+	$(PY) bench/dataset_throughput.py
+	$(PY) bench/retrain_timing.py
+	$(PY) bench/finetune_fashion_mnist.py
 
 clean:
 	rm -rf build $(VENV) refit/v1 refit/trainer refit/torchserve_api
