@@ -14,6 +14,7 @@ from torchvision.models._meta import _IMAGENET_CATEGORIES
 from refit.registry import Registry, VersionRecord
 from refit.storage import ObjectStore, StorageSettings
 from trainer.backbones import efficientnet_lite0_imagenet
+from trainer.checkpoint import save_weights, weights_key
 from trainer.package import Preprocessing, build_archive
 
 BASE_MODEL = "imagenet"
@@ -29,9 +30,10 @@ def publish_base_model(
         return registry.get(model_name, current)
     version = registry.next_version(model_name)
     class_names = list(_IMAGENET_CATEGORIES)
+    model = efficientnet_lite0_imagenet()
     with tempfile.TemporaryDirectory() as tmp:
         archive = build_archive(
-            efficientnet_lite0_imagenet(),
+            model,
             model_name=model_name,
             version=version,
             class_names=class_names,
@@ -41,12 +43,26 @@ def publish_base_model(
         )
         key = Registry.archive_key(model_name, archive.digest)
         store.put_file(bucket, key, archive.path)
+    # Plain weights too, so training can continue from this version (--base-version).
+    weights = weights_key(model_name, archive.digest)
+    save_weights(
+        store,
+        bucket,
+        weights,
+        backbone="efficientnet_lite0",
+        class_names=class_names,
+        state_dict=model.state_dict(),
+    )
     record = VersionRecord(
         model=model_name,
         version=version,
         archive_key=key,
         class_names=class_names,
-        lineage={"backbone": "efficientnet_lite0", "dataset_uri": "imagenet-1k (pretrained)"},
+        lineage={
+            "backbone": "efficientnet_lite0",
+            "dataset_uri": "imagenet-1k (pretrained)",
+            "weights_key": weights,
+        },
     )
     registry.add(record)
     registry.set_default(model_name, version)
