@@ -8,13 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 from prometheus_client import start_http_server
 
 from refit import logs
 from refit.errors import ErrorInterceptor
-from refit.netutil import wait_for_signal
+from refit.netutil import add_health_and_reflection, bind, wait_for_signal
 from refit.publish import Publisher
 from refit.registry import Registry
 from refit.torchserve import TorchServeClient
@@ -100,14 +99,8 @@ def build_server(settings: ServiceSettings) -> RefitServer:
     refit_pb2_grpc.add_RefitServicer_to_server(
         RefitServicer(predictor, catalog, settings.stream_window, jobs), server
     )
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(settings.grpc_address)
-    if port == 0:
-        raise RuntimeError(f"cannot bind gRPC address {settings.grpc_address}")
+    health_servicer = add_health_and_reflection(server, SERVICE_NAME)
+    port = bind(server, settings.grpc_address)
     reconciler = Reconciler(catalog, store, settings.bucket, torchserve)
     return RefitServer(
         server,
