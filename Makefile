@@ -41,6 +41,7 @@ test: lint
 # Long measurements, never part of `make test`; figures go to docs/benchmarks.md.
 bench: install
 	$(PY) bench/predict_latency.py
+	$(PY) bench/predict_breakdown.py
 	$(PY) bench/dataset_throughput.py
 	$(PY) bench/retrain_timing.py
 	$(PY) bench/finetune_fashion_mnist.py

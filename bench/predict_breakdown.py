@@ -1,0 +1,98 @@
+"""Where Predict time goes, measured in one process: raw TorchServe stub, the service's
+TorchServe client, Predictor.predict, and the full gRPC service. p50 ms of N calls per step.
+
+Usage: .venv/bin/python bench/predict_breakdown.py [--calls 150] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from PIL import Image
+from skimage import data
+
+from refit.netutil import free_port, wait_serving
+from refit.registry import Registry
+from refit.storage import StorageSettings
+from refit.torchserve_api import inference_pb2, inference_pb2_grpc
+from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
+from refit.v1 import refit_pb2, refit_pb2_grpc
+from service.catalog import ModelCatalog
+from service.config import ServiceSettings
+from service.predictions import Predictor
+from service.server import build_server
+from trainer.base_model import publish_base_model
+
+
+def p50_ms(call: Callable[[], object], calls: int) -> float:
+    for _ in range(10):
+        call()
+    latencies = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - start)
+    return 1000 * statistics.median(latencies)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=150)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    buffer = io.BytesIO()
+    Image.fromarray(data.coffee()).save(buffer, "JPEG")
+    image = buffer.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = StorageSettings(data_dir=Path(tmp))
+        publish_base_model(storage.open(), "refit")
+        ports = TorchServePorts(*(free_port() for _ in range(5)))
+        objects = (Path(tmp) / "objects").as_uri()
+        torchserve = TorchServeProcess(Path(tmp) / "ts", ports, allowed_urls_for(objects))
+        torchserve.start()
+        settings = ServiceSettings(
+            grpc_address="127.0.0.1:0",
+            torchserve_inference=f"127.0.0.1:{ports.grpc_inference}",
+            torchserve_management=f"127.0.0.1:{ports.grpc_management}",
+            storage=storage,
+        )
+        service = build_server(settings)
+        service.start(settings.reconcile_interval_s)
+        try:
+            wait_serving(f"127.0.0.1:{service.port}")
+            raw = inference_pb2_grpc.InferenceAPIsServiceStub(
+                grpc.insecure_channel(f"127.0.0.1:{ports.grpc_inference}")
+            )
+            raw_request = inference_pb2.PredictionsRequest(
+                model_name="imagenet", model_version="1", input={"data": image, "top_k": b"5"}
+            )
+            catalog = ModelCatalog(Registry(storage.open(), "refit"))
+            catalog.refresh()
+            predictor = Predictor(settings, catalog, service.torchserve)
+            stub = refit_pb2_grpc.RefitStub(grpc.insecure_channel(f"127.0.0.1:{service.port}"))
+            request = refit_pb2.PredictRequest(image=image, model="imagenet", version="1")
+            steps = {
+                "raw TorchServe stub": lambda: raw.Predictions(raw_request, timeout=30),
+                "service's TorchServe client": lambda: service.torchserve.predict(
+                    "imagenet", "1", image, 5
+                ),
+                "Predictor.predict": lambda: predictor.predict(image, "imagenet", "1", 5),
+                "full gRPC service (same process)": lambda: stub.Predict(request, timeout=30),
+            }
+            for round_ in range(1, args.rounds + 1):
+                for name, call in steps.items():
+                    print(f"round {round_}  {name:34} p50 {p50_ms(call, args.calls):6.1f} ms")
+        finally:
+            service.stop()
+            torchserve.stop()
+
+
+if __name__ == "__main__":
+    main()
