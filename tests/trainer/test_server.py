@@ -4,6 +4,7 @@ through this API runs in tests/service/test_retrain.py)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +104,13 @@ def test_subscribe_sees_every_jobs_state_changes(stub, runner) -> None:
     reader = threading.Thread(target=read)
     reader.start()
     runner.release.set()
+    # The server subscribes only once it runs the call: submit throwaway jobs until the reader
+    # sees one, so "a" is surely submitted after the subscription began.
+    for attempt in range(50):
+        submit(stub, f"prime{attempt}")
+        time.sleep(0.1)
+        if seen:
+            break
     submit(stub, "a")
     submit(stub, "broken")
     reader.join(20)
