@@ -3,18 +3,20 @@
 For 10 and 100 training images per class (drawn from the 60k train split), each run streams its
 data from the object store, fine-tunes EfficientNet-Lite0 with ``trainer.train.train_and_package``
 and stores an archive; the served artifact (TorchScript inside the .mar) is then scored on the
-full 10k test split, also streamed from the store. Validation during training (best epoch, early
-stopping) uses other train images (--val-per-class, default 50), never test images.
+full 10k test split, also streamed from the store (``--flip-tta``: also with flip test-time
+augmentation, for information: the served model does not do it). Validation during training
+(epoch selection) uses other train images, never test images. Each set size has its recipe
+(``RECIPES``).
 
 Modes: ``frozen`` (ImageNet weights, stem + first 10 of 16 blocks frozen), ``full`` (ImageNet
-weights, nothing frozen), ``scratch`` (random init, nothing frozen): same epochs, LR schedule
-and augmentation.
+weights, nothing frozen), ``scratch`` (random init, nothing frozen): same recipe.
 
 Also measures training throughput of the engine (streamed, augmented, per-epoch validation
 excluded) against a plain in-memory torchvision-style loop on the same model and batch size.
 
     PYTHONPATH=. .venv/bin/python bench/finetune_fashion_mnist.py               # FileStore
     PYTHONPATH=. .venv/bin/python bench/finetune_fashion_mnist.py --store moto  # moto S3
+    ... --shots 100 --modes frozen --set epochs=20 --set augmentation.rotation=10  # variations
 Needs Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist).
 """
 
@@ -131,16 +133,16 @@ def _listening(port: int) -> bool:
 
 
 def prepare(
-    store: ObjectStore, shots: list[int], test_limit: int | None, val_per_class: int
+    store: ObjectStore, val_per_class: dict[int, int], test_limit: int | None
 ) -> dict[str, str]:
-    """Upload every few-shot dataset and the test split once; returns name -> URI."""
+    """Upload every few-shot dataset (shots -> validation images per class) and the test split
+    once; returns name -> URI."""
     train_x, train_y = load_split("train")
     test_x, test_y = load_split("t10k")
     store.ensure_bucket(BUCKET)
-    rng = np.random.default_rng(0)
-    val_idx = pick(train_y, val_per_class, rng, set())
     uris = {}
-    for n in shots:
+    for n, val_n in val_per_class.items():
+        val_idx = pick(train_y, val_n, np.random.default_rng(0), set())
         train_idx = pick(train_y, n, np.random.default_rng(n), set(val_idx))
         prefix = f"fmnist-{n}"
         upload(store, prefix, "train", train_x, train_y, train_idx)
@@ -154,23 +156,67 @@ def prepare(
     return uris
 
 
-def base_config(uri: str, out: str, epochs: int, workers: int = 2) -> TrainConfig:
+@dataclass(frozen=True)
+class Recipe:
+    """The settings for one training-set size; larger sets get the larger ones' recipe."""
+
+    epochs: int
+    batch_size: int
+    crop_size: int  # input size; the 28 px images are upscaled to it
+    crop_scale: tuple[float, float]  # RandomResizedCrop area range; (1, 1): flips only
+    workers: int  # DataLoader workers; 0 when an epoch is a handful of batches
+    val_per_class: int
+
+
+# Few images: more, smaller steps and a larger input (cheap at 100 images); 1,000 images: the
+# 3-minute budget decides. docs/benchmarks.md has the runs behind these numbers.
+RECIPES = {
+    10: Recipe(epochs=30, batch_size=16, crop_size=160, crop_scale=(1.0, 1.0), workers=0,
+               val_per_class=20),
+    100: Recipe(epochs=15, batch_size=32, crop_size=96, crop_scale=(0.85, 1.0), workers=2,
+                val_per_class=50),
+}  # fmt: skip
+
+
+def recipe_for(shots: int) -> Recipe:
+    return RECIPES[max([n for n in RECIPES if n <= shots], default=min(RECIPES))]
+
+
+def base_config(uri: str, out: str, recipe: Recipe) -> TrainConfig:
     return TrainConfig(
         dataset=uri,
         out=out,
-        epochs=epochs,
-        batch_size=32,
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
         lr=2e-3,
         weight_decay=0.05,
         label_smoothing=0.1,
-        crop_size=96,
-        resize_size=96,
-        augmentation=Augmentation(crop_scale=(0.7, 1.0), hflip=0.5),
-        workers=workers,
+        crop_size=recipe.crop_size,
+        resize_size=recipe.crop_size,
+        augmentation=Augmentation(crop_scale=recipe.crop_scale, hflip=0.5),
+        workers=recipe.workers,
         bucket=BUCKET,
         resume=False,
         log_every=1000,
     )
+
+
+def with_overrides(config: TrainConfig, pairs: list[str]) -> TrainConfig:
+    """Apply ``--set KEY=VALUE`` pairs (``augmentation.rotation=10`` reaches the augmentation);
+    values are JSON (numbers, lists, null) or else plain strings."""
+    fields, aug = {}, {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        value = tuple(value) if isinstance(value, list) else value
+        if key.startswith("augmentation."):
+            aug[key.removeprefix("augmentation.")] = value
+        else:
+            fields[key] = value
+    return replace(config, augmentation=replace(config.augmentation, **aug), **fields)
 
 
 MODES = {
@@ -181,10 +227,22 @@ MODES = {
 }
 
 
+class FlipAveraged(torch.nn.Module):
+    """Test-time augmentation: mean of the logits for the image and its mirror image."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x) + self.model(x.flip(-1))) / 2
+
+
 def score_archive(
-    store: ObjectStore, archive_key: str, test_uri: str, config: TrainConfig
-) -> tuple[float, int]:
-    """Accuracy of the served artifact (the .mar's TorchScript) on the streamed test split."""
+    store: ObjectStore, archive_key: str, test_uri: str, config: TrainConfig, flip_tta: bool
+) -> tuple[float, float | None, int]:
+    """Accuracy of the served artifact (the .mar's TorchScript) on the streamed test split, as
+    served and (``flip_tta``) with flip test-time augmentation."""
     with zipfile.ZipFile(io.BytesIO(store.get(BUCKET, archive_key))) as mar:
         scripted = torch.jit.load(io.BytesIO(mar.read("model.pt")))
     transform = eval_transform(preprocessing_for(config))
@@ -192,56 +250,66 @@ def score_archive(
                         transform=transform, rank=0, world_size=1)  # fmt: skip
     loader = torch.utils.data.DataLoader(test, batch_size=128, num_workers=2)
     hw = setup_hardware("cpu")
-    result = evaluate(scripted, torch.nn.CrossEntropyLoss(), loader, hw, len(CLASSES))
-    return result.accuracy, result.images
+    criterion = torch.nn.CrossEntropyLoss()
+    result = evaluate(scripted, criterion, loader, hw, len(CLASSES))
+    if not flip_tta:
+        return result.accuracy, None, result.images
+    flipped = evaluate(FlipAveraged(scripted), criterion, loader, hw, len(CLASSES))
+    return result.accuracy, flipped.accuracy, result.images
 
 
-def run(store: ObjectStore, uris: dict, shots: int, mode: str, epochs: int, workers: int) -> dict:
-    config = base_config(uris[str(shots)], f"fmnist-{shots}-{mode}", epochs, workers)
-    config = replace(config, **MODES[mode])
+def run(store: ObjectStore, uris: dict, shots: int, mode: str, sets: list, flip_tta: bool) -> dict:
+    config = base_config(uris[str(shots)], f"fmnist-{shots}-{mode}", recipe_for(shots))
+    config = with_overrides(replace(config, **MODES[mode]), sets)
     started = time.perf_counter()
     result = train_and_package(config, store)
     wall = time.perf_counter() - started
-    accuracy, images = score_archive(store, result.archive_key, uris["test"], config)
+    accuracy, flip_accuracy, images = score_archive(
+        store, result.archive_key, uris["test"], config, flip_tta
+    )
     history = result.history
     steady = [h["images_per_second"] for h in history[1:]] or [history[0]["images_per_second"]]
     row = {
-        "shots": shots, "mode": mode, "epochs": epochs, "workers": workers,
-        "test_accuracy": accuracy,
+        "shots": shots, "mode": mode, "epochs": config.epochs, "batch_size": config.batch_size,
+        "crop_size": config.crop_size, "workers": config.workers, "set": sets,
+        "test_accuracy": accuracy, "test_accuracy_flip_tta": flip_accuracy,
         "test_images": images, "val_accuracy": result.metrics["val_accuracy"],
         "best_epoch": int(result.metrics["best_epoch"]) + 1,
         "train_seconds": result.metrics["train_seconds"], "job_seconds": wall,
         "train_images_per_second": float(np.median(steady)),
         "data_wait_ratio": float(np.median([h["data_wait_ratio"] for h in history])),
+        "val_curve": [round(h["val_accuracy"], 3) for h in history],
     }  # fmt: skip
     print(json.dumps(row), flush=True)
     return row
 
 
-def throughput(uri: str, store: ObjectStore, rounds: int) -> dict:
+def throughput(uri: str, store: ObjectStore, rounds: int, sets: list) -> dict:
     """Engine epoch (streamed from the store, augmented in DataLoader workers) vs a plain
     torchvision-style epoch over in-memory, already-transformed tensors; same model, frozen
-    depth, optimizer and batch size. Alternated ``rounds`` times (the machine is shared), each
-    figure the second epoch of its round (the first warms up); medians reported."""
-    config = replace(base_config(uri, "throughput", 2), **MODES["frozen"])
+    depth, optimizer and batch size. The plain loop runs twice: NCHW as written in the
+    torchvision reference, and channels_last like the engine. Alternated ``rounds`` times (the
+    machine may be shared), each figure the second epoch of its run; medians reported; the ratio
+    is against the faster plain loop."""
+    config = replace(base_config(uri, "throughput", RECIPES[100]), epochs=2, **MODES["frozen"])
+    config = with_overrides(config, sets)
     pre = preprocessing_for(config)
     hw = setup_hardware("cpu")
-    engine, plain = [], []
+    rates: dict[str, list[float]] = {"engine": [], "plain": [], "plain_channels_last": []}
+    formats = {"plain": torch.contiguous_format, "plain_channels_last": torch.channels_last}
     for _ in range(rounds):
         data = open_datasets(config, store, hw, train_transform(pre, config.augmentation),
                              eval_transform(pre))  # fmt: skip
         model = _frozen_model(config, store)
         result = fit(model, data, config, hw, freeze=model.spec.default_freeze)
-        engine.append(result.history[-1]["images_per_second"])
-        plain.append(_plain_epochs(config, store, data.train, epochs=2)[-1])
-        print(json.dumps({"engine_images_per_second": engine[-1],
-                          "plain_images_per_second": plain[-1]}), flush=True)  # fmt: skip
-    row = {
-        "engine_images_per_second": float(np.median(engine)),
-        "plain_images_per_second": float(np.median(plain)),
-        "rounds": rounds,
-    }
-    row["ratio"] = row["engine_images_per_second"] / row["plain_images_per_second"]
+        rates["engine"].append(result.history[-1]["images_per_second"])
+        for name, memory_format in formats.items():
+            rates[name].append(_plain_epochs(config, store, data.train, 2, memory_format)[-1])
+        print(json.dumps({k: v[-1] for k, v in rates.items()}), flush=True)
+    row = {f"{k}_images_per_second": float(np.median(v)) for k, v in rates.items()}
+    row["rounds"] = rounds
+    best_plain = max(row["plain_images_per_second"], row["plain_channels_last_images_per_second"])
+    row["ratio"] = row["engine_images_per_second"] / best_plain
     return row
 
 
@@ -251,12 +319,19 @@ def _frozen_model(config: TrainConfig, store: ObjectStore) -> FineTuneModel:
     return model
 
 
-def _plain_epochs(config: TrainConfig, store: ObjectStore, dataset, epochs: int) -> list[float]:
+def _plain_epochs(
+    config: TrainConfig,
+    store: ObjectStore,
+    dataset,
+    epochs: int,
+    memory_format: torch.memory_format,
+) -> list[float]:
     tensors = list(dataset)  # decoded and augmented once, kept in memory
     images = torch.stack([t for t, _ in tensors])
     labels = torch.tensor([label for _, label in tensors])
     model = _frozen_model(config, store)
     model.freeze(model.spec.default_freeze)
+    model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, weight_decay=0.05)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     loader = torch.utils.data.DataLoader(
@@ -267,7 +342,7 @@ def _plain_epochs(config: TrainConfig, store: ObjectStore, dataset, epochs: int)
         model.train()
         started, seen = time.perf_counter(), 0
         for x, y in loader:
-            loss = criterion(model(x), y)
+            loss = criterion(model(x.contiguous(memory_format=memory_format)), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -282,13 +357,16 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[100, 10])
     parser.add_argument("--modes", nargs="*", default=["frozen", "full", "scratch"],
                         choices=list(MODES))  # fmt: skip
-    parser.add_argument("--epochs", type=int, nargs="+", default=[15, 30],
-                        help="epochs per --shots entry")  # fmt: skip
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch default")
-    parser.add_argument("--val-per-class", type=int, default=50, help="validation images")
+    parser.add_argument("--val-per-class", type=int, default=None,
+                        help="validation images per class (default: the recipe's)")  # fmt: skip
     parser.add_argument("--test-limit", type=int, default=None, help="fewer test images (dev)")
     parser.add_argument("--throughput-rounds", type=int, default=3, help="0: skip")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="TrainConfig override, e.g. lr=3e-3 augmentation.rotation=10",
+    )  # fmt: skip
+    parser.add_argument("--flip-tta", action="store_true", help="also score with flip TTA")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     if args.threads:
@@ -298,15 +376,16 @@ def main() -> None:
         stores = open_store(args.store, Path(tmp))
         try:
             t0 = time.perf_counter()
-            uris = prepare(stores.store, args.shots, args.test_limit, args.val_per_class)
+            val = {n: args.val_per_class or recipe_for(n).val_per_class for n in args.shots}
+            uris = prepare(stores.store, val, args.test_limit)
             print(f"# store: {stores.kind}; upload {time.perf_counter() - t0:.0f} s", flush=True)
             rows = [
-                run(stores.store, uris, shots, mode, epochs, args.workers)
-                for shots, epochs in zip(args.shots, args.epochs, strict=True)
+                run(stores.store, uris, shots, mode, args.set, args.flip_tta)
+                for shots in args.shots
                 for mode in args.modes
             ]
             if args.throughput_rounds and 100 in args.shots:
-                rows.append(throughput(uris["100"], stores.store, args.throughput_rounds))
+                rows.append(throughput(uris["100"], stores.store, args.throughput_rounds, args.set))
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             stores.close()

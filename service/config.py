@@ -56,8 +56,6 @@ class ServiceSettings:
             stream_window=int(env.get("REFIT_STREAM_WINDOW", defaults.stream_window)),
             workers=int(env.get("REFIT_GRPC_WORKERS", defaults.workers)),
             trainer_address=env.get("REFIT_TRAINER_ADDRESS", defaults.trainer_address),
-            trainer_timeout_s=float(
-                env.get("REFIT_TRAINER_TIMEOUT_S", defaults.trainer_timeout_s)
-            ),
+            trainer_timeout_s=float(env.get("REFIT_TRAINER_TIMEOUT_S", defaults.trainer_timeout_s)),
             storage=StorageSettings.from_env(env),
         )

@@ -201,7 +201,9 @@ def _default_registry() -> dict[str, BackboneSpec]:
             load_imagenet=_lite0_load,
             head="_fc",
             units=_lite0_units,
-            default_freeze=10,  # 10 of 16 MBConv blocks: best few-shot trade-off measured here
+            # 10 of 16 MBConv blocks: about half the step time of training all of them; on data
+            # far from ImageNet, training all gained 0.9-1.6 points (docs/benchmarks.md).
+            default_freeze=10,
         ),
         _torchvision_spec("resnet18", "ResNet18_Weights", "fc", _resnet_units, 2, 256),
         _torchvision_spec("resnet50", "ResNet50_Weights", "fc", _resnet_units, 2, 232),

@@ -41,7 +41,8 @@ def export_torchscript(
     model: torch.nn.Module, crop_size: int, atol: float = 1e-4
 ) -> torch.jit.ScriptModule:
     """Trace ``model`` on CPU and check the traced outputs match eager ones."""
-    model = model.eval().cpu()
+    # Contiguous weights: the served model gets plain NCHW batches from the handler.
+    model = model.eval().cpu().to(memory_format=torch.contiguous_format)
     example = torch.rand(2, 3, crop_size, crop_size)
     with torch.inference_mode():
         traced = torch.jit.trace(model, example, check_trace=False)

@@ -212,8 +212,9 @@ class _Progress:
     """Mutable loop state, checkpointed each epoch."""
 
     next_epoch: int = 0
-    best_epoch: int = -1
-    best_accuracy: float = -1.0
+    best_epoch: int = -1  # the epoch kept (see pick_epoch)
+    best_accuracy: float = -1.0  # its validation accuracy
+    top_accuracy: float = -1.0  # the highest validation accuracy so far
     best_state: dict | None = None
     best_eval: dict | None = None
     bad_epochs: int = 0
@@ -345,9 +346,21 @@ def _wrap(model: FineTuneModel, hw: Hardware) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
+def within_noise(accuracy: float, top: float, images: int) -> bool:
+    """True when ``accuracy`` is within one standard error of ``top`` on ``images`` val images."""
+    standard_error = math.sqrt(top * (1 - top) / max(images, 1))
+    return accuracy >= top - standard_error
+
+
 def _record(
     progress: _Progress, epoch: int, stats: EpochStats, result: EvalResult, model: nn.Module
 ) -> bool:
+    """Log the epoch and decide whether it becomes the kept one; True on a new top accuracy.
+
+    The kept epoch is the latest one within one standard error of the best validation accuracy:
+    on a small validation set a lower-LR later epoch that scores a little lower is noise, not
+    worse, and picking the single highest score would often pick an early, undertrained epoch.
+    """
     progress.history.append(
         {
             "epoch": epoch,
@@ -359,7 +372,9 @@ def _record(
             "data_wait_ratio": stats.data_wait_ratio,
         }
     )
-    if result.accuracy > progress.best_accuracy:
+    improved = result.accuracy > progress.top_accuracy
+    progress.top_accuracy = max(progress.top_accuracy, result.accuracy)
+    if within_noise(result.accuracy, progress.top_accuracy, result.images):
         progress.best_epoch, progress.best_accuracy = epoch, result.accuracy
         progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         progress.best_eval = {
@@ -369,10 +384,8 @@ def _record(
             "confusion": result.confusion,
             "images": result.images,
         }
-        progress.bad_epochs = 0
-        return True
-    progress.bad_epochs += 1
-    return False
+    progress.bad_epochs = 0 if improved else progress.bad_epochs + 1
+    return improved
 
 
 def _checkpoint(
@@ -393,6 +406,7 @@ def _checkpoint(
         "best": {
             "epoch": progress.best_epoch,
             "accuracy": progress.best_accuracy,
+            "top_accuracy": progress.top_accuracy,
             "state": progress.best_state,
             "eval": progress.best_eval,
         },
@@ -410,6 +424,7 @@ def _restore(saved: dict, model: nn.Module, data: Datasets) -> _Progress:
         next_epoch=saved["epoch"] + 1,
         best_epoch=best["epoch"],
         best_accuracy=best["accuracy"],
+        top_accuracy=best["top_accuracy"],
         best_state=best["state"],
         best_eval=best["eval"],
         bad_epochs=saved["bad_epochs"],

@@ -30,8 +30,8 @@ def train_transform(pre: Preprocessing, aug: Augmentation) -> Transform:
         steps.append(v2.RandomResizedCrop(pre.crop_size, scale=aug.crop_scale, antialias=True))
     if aug.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
-    if aug.rotation > 0:
-        steps.append(v2.RandomRotation(aug.rotation))
+    if aug.rotation > 0 or aug.translate > 0:
+        steps.append(v2.RandomAffine(aug.rotation, translate=(aug.translate, aug.translate)))
     if aug.color_jitter > 0:
         j = aug.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_cpu_fallback_uses_fp32_and_no_process_group() -> None:
     hw = setup_hardware("cpu")
-    assert hw.device.type == "cpu" and hw.amp_dtype is None and not hw.channels_last
+    assert hw.device.type == "cpu" and hw.amp_dtype is None and hw.channels_last
     assert not hw.distributed and hw.is_main and not hw.pin_memory
 
 

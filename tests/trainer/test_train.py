@@ -35,7 +35,7 @@ from tests.trainer.synthetic import (
 from trainer.backbones import BackboneRegistry
 from trainer.checkpoint import CheckpointStore, load_weights
 from trainer.config import TrainConfig
-from trainer.engine import ProgressEvent, TrainingCancelled
+from trainer.engine import EpochStats, EvalResult, ProgressEvent, TrainingCancelled
 from trainer.finetune import FineTuneModel, resolve_freeze
 from trainer.hardware import Hardware
 from trainer.package import export_torchscript
@@ -45,6 +45,8 @@ from trainer.train import (
     Phase,
     StartingPointError,
     TrainResult,
+    _Progress,
+    _record,
     build_model,
     fit,
     plan_phases,
@@ -107,6 +109,32 @@ def test_two_phase_plan_freezes_everything_then_unfreezes_at_a_lower_lr() -> Non
     assert plan_phases(_config(epochs=3), 10, 17) == [Phase(0, 0, 3, 10, 3e-3)]
 
 
+@pytest.mark.parametrize(
+    ("accuracies", "images", "kept"),
+    [
+        ([0.5, 0.9, 0.89, 0.7], 400, 2),  # 0.89 is within one SE (0.015) of 0.9: the later wins
+        ([0.5, 0.9, 0.85, 0.7], 400, 1),  # 0.85 is not: the top one stays
+        ([0.6, 0.6, 0.6], 100, 2),  # ties go to the latest epoch
+        ([0.5, 0.9, 0.88, 0.95], 400, 3),
+        ([0.5, 0.9, 0.88, 0.95], 40, 3),
+        ([0.5, 0.9, 0.88, 0.86], 40, 3),  # 40 images: SE 0.047, so 0.86 is still noise
+    ],
+)
+def test_the_kept_epoch_is_the_latest_within_noise_of_the_top(
+    accuracies: list[float], images: int, kept: int
+) -> None:
+    assert _kept_epoch(accuracies, images) == kept
+
+
+def _kept_epoch(accuracies: list[float], images: int) -> int:
+    progress, model = _Progress(), torch.nn.Linear(1, 1)
+    for epoch, accuracy in enumerate(accuracies):
+        result = EvalResult(loss=0.0, accuracy=accuracy, per_class_accuracy=[], confusion=[],
+                            images=images)  # fmt: skip
+        _record(progress, epoch, EpochStats(), result, model)
+    return progress.best_epoch
+
+
 # --- the loop on in-memory data ------------------------------------------------------------------
 
 
@@ -116,7 +144,7 @@ def test_tiny_run_learns_the_classes_well_above_chance() -> None:
     result = fit(_model(config), _data(config), config, CPU, freeze=10, on_event=events.append)
     assert result.best.accuracy >= 0.9  # chance is 0.25
     assert len(result.history) == 4 and result.epochs_run == 4
-    assert result.best_epoch == max(range(4), key=lambda e: result.history[e]["val_accuracy"])
+    assert result.best_epoch == _kept_epoch([h["val_accuracy"] for h in result.history], 32)
     epoch_events = [e for e in events if e.kind == "epoch"]
     assert [e.epoch for e in epoch_events] == [0, 1, 2, 3]
     assert epoch_events[-1].val["accuracy"] == result.history[-1]["val_accuracy"]
@@ -153,7 +181,8 @@ def test_early_stopping_ends_a_run_that_stops_improving(file_store: FileStore) -
     model = _model(config)
     data = _data(config, train=32, val=16)
     result = fit(model, data, config, CPU, freeze=model.max_depth(), checkpoints=checkpoints)
-    assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 0
+    # Equal accuracies: the kept epoch is the latest, the patience counts from the first.
+    assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 2
     # A rerun of a stopped run resumes into "stopped": nothing more to train.
     events: list[ProgressEvent] = []
     again = fit(_model(config), data, config, CPU, freeze=model.max_depth(),

@@ -36,12 +36,27 @@ def test_grayscale_images_become_three_channels_like_in_serving() -> None:
 
 
 def test_augmentations_are_random_and_sized_to_the_crop() -> None:
-    aug = Augmentation(crop_scale=(0.3, 1.0), hflip=0.5, rotation=15, color_jitter=0.3)
+    aug = Augmentation(
+        crop_scale=(0.3, 1.0), hflip=0.5, rotation=15, translate=0.1, color_jitter=0.3
+    )
     transform = train_transform(PRE, aug)
     torch.manual_seed(0)
     first, second = transform(_image()), transform(_image())
     assert first.shape == second.shape == (3, 32, 32) and first.dtype == torch.float32
     assert not torch.equal(first, second)
+
+
+def test_translation_shifts_content_within_the_bound() -> None:
+    image = Image.new("L", (32, 32))
+    image.paste(255, (12, 12, 20, 20))  # an 8x8 white square in the middle
+    transform = train_transform(PRE, Augmentation(crop_scale=(1.0, 1.0), hflip=0.0, translate=0.1))
+    torch.manual_seed(0)
+    centres = set()
+    for _ in range(20):
+        bright = (transform(image)[0] > 0).nonzero().float().mean(0)
+        centres.add(tuple(bright.round().tolist()))
+        assert (bright - 15.5).abs().max() <= 0.1 * 32 + 1  # within the shift bound
+    assert len(centres) > 1
 
 
 def test_no_augmentation_equals_evaluation() -> None:
@@ -50,7 +65,8 @@ def test_no_augmentation_equals_evaluation() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"crop_scale": (0.0, 1.0)}, {"crop_scale": (0.9, 0.5)}, {"hflip": 1.5}]
+    "bad",
+    [{"crop_scale": (0.0, 1.0)}, {"crop_scale": (0.9, 0.5)}, {"hflip": 1.5}, {"translate": 1.0}],
 )
 def test_invalid_augmentation_is_rejected(bad: dict) -> None:
     with pytest.raises(ValueError):

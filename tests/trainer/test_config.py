@@ -1,0 +1,33 @@
+"""The fine-tuning config's command-line form."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from trainer.config import NO_FREEZE, add_arguments, config_from_args
+
+
+def _parse(*argv: str):
+    parser = add_arguments(argparse.ArgumentParser())
+    return config_from_args(parser.parse_args(["--dataset", "s3://b/d", "--out", "m", *argv]))
+
+
+def test_defaults_leave_channels_last_to_the_hardware_and_augment_mildly() -> None:
+    config = _parse()
+    assert config.channels_last is None and config.freeze is None
+    assert config.augmentation.translate == 0.0 and config.augmentation.hflip == 0.5
+
+
+def test_flags_reach_the_config() -> None:
+    config = _parse("--no-channels-last", "--translate", "0.1", "--crop-scale", "0.85", "1",
+                    "--freeze", "none", "--epochs", "30")  # fmt: skip
+    assert config.channels_last is False and config.freeze == NO_FREEZE and config.epochs == 30
+    assert config.augmentation.translate == 0.1 and config.augmentation.crop_scale == (0.85, 1.0)
+    assert "translate" in config.hyperparameters()["augmentation"]
+
+
+def test_an_impossible_translation_is_rejected() -> None:
+    with pytest.raises(ValueError, match="translate"):
+        _parse("--translate", "1.5")
