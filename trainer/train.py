@@ -212,7 +212,7 @@ class _Progress:
     """Mutable loop state, checkpointed each epoch."""
 
     next_epoch: int = 0
-    best_epoch: int = -1  # the epoch kept (see pick_epoch)
+    best_epoch: int = -1  # the epoch kept (see _record)
     best_accuracy: float = -1.0  # its validation accuracy
     top_accuracy: float = -1.0  # the highest validation accuracy so far
     best_state: dict | None = None
