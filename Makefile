@@ -44,6 +44,7 @@ bench: install
 	$(PY) bench/predict_breakdown.py
 	$(PY) bench/dataset_throughput.py
 	$(PY) bench/retrain_timing.py
+	$(PY) bench/epoch_data_cost.py
 	$(PY) bench/train_step_formats.py
 	$(PY) bench/finetune_fashion_mnist.py
 

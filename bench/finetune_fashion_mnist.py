@@ -164,7 +164,7 @@ class Recipe:
     batch_size: int
     crop_size: int  # input size; the 28 px images are upscaled to it
     crop_scale: tuple[float, float]  # RandomResizedCrop area range; (1, 1): flips only
-    workers: int  # DataLoader workers; 0 when an epoch is a handful of batches
+    workers: int | None  # DataLoader workers; None: the host's default; 0: an epoch is 7 batches
     val_per_class: int
 
 
@@ -173,7 +173,7 @@ class Recipe:
 RECIPES = {
     10: Recipe(epochs=30, batch_size=16, crop_size=160, crop_scale=(1.0, 1.0), workers=0,
                val_per_class=20),
-    100: Recipe(epochs=15, batch_size=32, crop_size=96, crop_scale=(0.85, 1.0), workers=2,
+    100: Recipe(epochs=15, batch_size=32, crop_size=96, crop_scale=(0.85, 1.0), workers=None,
                 val_per_class=50),
 }  # fmt: skip
 

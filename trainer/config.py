@@ -50,7 +50,7 @@ class TrainConfig:
     augmentation: Augmentation = field(default_factory=Augmentation)
     val_fraction: float = 0.2
     seed: int = 0
-    workers: int = 2
+    workers: int | None = None  # DataLoader processes; None: chosen for the host (hardware.py)
     device: str = "auto"  # auto | cpu | cuda
     channels_last: bool | None = None  # None: on (faster on CUDA and CPU)
     bucket: str = "refit"  # archives, weights and checkpoints go here
@@ -146,7 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--color-jitter", type=float, default=0.0)
     a("--val-fraction", type=float, default=0.2)
     a("--seed", type=int, default=0)
-    a("--workers", type=int, default=2)
+    a("--workers", type=int, default=None, help="DataLoader processes (default: by host)")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"))
     a("--no-channels-last", dest="channels_last", action="store_false", default=None)
     a("--bucket", default="refit", help="bucket for archives, weights and checkpoints")

@@ -52,6 +52,7 @@ from trainer.finetune import FineTuneModel, resolve_freeze
 from trainer.hardware import (
     Hardware,
     check_ranks_agree,
+    loader_workers,
     setup_hardware,
     sync_buffers,
     teardown,
@@ -228,13 +229,14 @@ def steps_per_epoch(dataset: StreamingDataset, batch_size: int, hw: Hardware) ->
 
 
 def make_loader(dataset: StreamingDataset, config: TrainConfig, hw: Hardware) -> DataLoader:
+    workers = loader_workers(hw, config.workers)
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
-        num_workers=config.workers,
+        num_workers=workers,
         pin_memory=hw.pin_memory,
         persistent_workers=False,  # set_epoch must reach the workers each epoch
-        prefetch_factor=4 if config.workers else None,
+        prefetch_factor=4 if workers else None,
     )
 
 

@@ -18,6 +18,11 @@ from trainer.data.prefetch import prefetch
 from trainer.data.retry import call_with_retry, is_transient_or_missing
 from trainer.data.sharding import current_consumer, epoch_order, for_rank, for_worker
 
+# Small images from a nearby store take less time to fetch and decode than to hand to a thread:
+# 4 per hand-off cut the CPU time of an epoch's data work by 1.3x (docs/benchmarks.md). GETs in
+# flight stay at ReadOptions.in_flight; decoded images waiting for the consumer: 4x that.
+FETCHES_PER_TASK = 4
+
 
 class ObjectDataset(EpochDataset):
     """Streams ``samples`` from ``store``; each DataLoader worker reads through its own copy of
@@ -41,7 +46,8 @@ class ObjectDataset(EpochDataset):
         budget = BadImageBudget(len(samples), self.options.max_bad_fraction)
         store = store_for_this_process(self.store)
         fetch = functools.partial(self._fetch, store)
-        for sample, image in prefetch(fetch, samples, self.options.in_flight):
+        tasks = prefetch(fetch, samples, self.options.in_flight, per_task=FETCHES_PER_TASK)
+        for sample, image in tasks:
             if isinstance(image, BadImage):
                 budget.record(sample.key, image)
                 continue

@@ -17,7 +17,7 @@ class TrainerSettings:
     bucket: str = "refit"
     gate_margin: float = 0.0  # a candidate needs val_accuracy >= default's + this
     device: str = "auto"
-    loader_workers: int = 2  # DataLoader processes per job
+    loader_workers: int | None = None  # DataLoader processes per job; None: by host
     weights_uri: str = "s3://models/backbones/"
     max_attempts: int = 3  # restarts a job survives before it fails
     log_every: int = 5  # batches between progress events
@@ -37,7 +37,7 @@ class TrainerSettings:
             bucket=env.get("REFIT_BUCKET", d.bucket),
             gate_margin=float(env.get("REFIT_GATE_MARGIN", d.gate_margin)),
             device=env.get("REFIT_TRAINER_DEVICE", d.device),
-            loader_workers=int(env.get("REFIT_TRAINER_LOADER_WORKERS", d.loader_workers)),
+            loader_workers=_optional_int(env.get("REFIT_TRAINER_LOADER_WORKERS", "auto")),
             weights_uri=env.get("REFIT_WEIGHTS_URI", d.weights_uri),
             max_attempts=int(env.get("REFIT_TRAINER_MAX_ATTEMPTS", d.max_attempts)),
             log_every=int(env.get("REFIT_TRAINER_LOG_EVERY", d.log_every)),
@@ -46,3 +46,7 @@ class TrainerSettings:
             in ("1", "true", "yes"),
             storage=StorageSettings.from_env(env),
         )
+
+
+def _optional_int(value: str) -> int | None:
+    return None if value.strip().lower() in ("", "auto") else int(value)
