@@ -46,8 +46,8 @@ class ObjectDataset(EpochDataset):
         budget = BadImageBudget(len(samples), self.options.max_bad_fraction)
         store = store_for_this_process(self.store)
         fetch = functools.partial(self._fetch, store)
-        tasks = prefetch(fetch, samples, self.options.in_flight, per_task=FETCHES_PER_TASK)
-        for sample, image in tasks:
+        fetched = prefetch(fetch, samples, self.options.in_flight, per_task=FETCHES_PER_TASK)
+        for sample, image in fetched:
             if isinstance(image, BadImage):
                 budget.record(sample.key, image)
                 continue

@@ -11,7 +11,6 @@ from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
-Outcome = tuple[R | None, BaseException | None]
 
 
 def prefetch(
@@ -27,23 +26,21 @@ def prefetch(
         raise ValueError(f"in_flight and per_task must be >= 1, got {in_flight}, {per_task}")
     source = iter(items)
     tasks = iter(lambda: list(itertools.islice(source, per_task)), [])
-    for task, outcomes in _ordered_map(functools.partial(_call_each, fn), tasks, in_flight):
-        for item, (result, error) in zip(task, outcomes, strict=False):
-            if error is not None:
-                raise error
-            yield item, result  # type: ignore[misc]
+    for task, (results, error) in _ordered_map(functools.partial(_call_each, fn), tasks, in_flight):
+        yield from zip(task, results, strict=False)  # the items before any error
+        if error is not None:
+            raise error
 
 
-def _call_each(fn: Callable[[T], R], task: list[T]) -> list[Outcome]:
-    """Results in order; stops at the first error, which the consumer raises at its item."""
-    outcomes: list[Outcome] = []
+def _call_each(fn: Callable[[T], R], task: list[T]) -> tuple[list[R], Exception | None]:
+    """Results in order, up to the first error (raised by the consumer when it gets there)."""
+    results: list[R] = []
     for item in task:
         try:
-            outcomes.append((fn(item), None))
+            results.append(fn(item))
         except Exception as exc:
-            outcomes.append((None, exc))
-            break
-    return outcomes
+            return results, exc
+    return results, None
 
 
 def _ordered_map(fn: Callable[[T], R], items: Iterator[T], in_flight: int) -> Iterator[tuple[T, R]]:
