@@ -110,10 +110,14 @@ def _ustar_name(header: memoryview) -> str:
 
 
 def _pax_path(content: bytes) -> str | None:
-    """Records are ``"<length> <key>=<value>\\n"``."""
+    """Records are ``"<length> <key>=<value>\\n"``, the length counting the whole record."""
     position = 0
     while position < len(content):
-        length = int(content[position:].split(b" ", 1)[0])
+        field = content[position:].split(b" ", 1)[0]
+        length = int(field) if field.isdigit() else 0
+        if length <= len(field) or position + length > len(content):
+            # A zero or short length would never advance: a corrupt shard, not an endless loop.
+            raise ValueError(f"malformed pax record at byte {position}: length {field[:20]!r}")
         key, _, value = content[position : position + length].partition(b" ")[2].partition(b"=")
         if key == b"path":
             return value[:-1].decode()

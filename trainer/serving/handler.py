@@ -41,10 +41,18 @@ class RefitImageClassifier(BaseHandler):
         tensors, outcomes = [], []
         for row in data:
             try:
-                tensors.append(self.transform(decode(row.get("data") or row.get("body"))))
-                outcomes.append(top_k(row))
+                k = top_k(row)
+            except ValueError:
+                outcomes.append({"error": f"top_k must be an integer, got {row['top_k']!r}"})
+                continue
+            try:
+                image = self.transform(decode(row.get("data") or row.get("body")))
             except (OSError, UnidentifiedImageError, ValueError) as exc:
                 outcomes.append({"error": f"cannot decode image: {exc}"})
+                continue
+            # Appended together: row i of the batch always answers the i-th integer outcome.
+            tensors.append(image)
+            outcomes.append(k)
         batch = torch.stack(tensors).to(self.device) if tensors else None
         return batch, outcomes
 

@@ -63,3 +63,27 @@ def test_record_sample_needs_an_image_and_a_label() -> None:
     for broken in ({"cls": b"2"}, {"png": b"p"}, {"png": b"p", "cls": b"two"}):
         with pytest.raises(BadImage):
             record_sample(broken)
+
+
+def _pax_member(header_payload: bytes) -> bytes:
+    """A tar whose first member is a pax header holding ``header_payload``, then one file."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        pax = tarfile.TarInfo("././@PaxHeader")
+        pax.type, pax.size = tarfile.XHDTYPE, len(header_payload)
+        tar.addfile(pax, io.BytesIO(header_payload))
+        info = tarfile.TarInfo("a.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"png"))
+    return out.getvalue()
+
+
+def test_pax_path_record_is_read() -> None:
+    assert list(iter_members(_pax_member(b"16 path=b/c.png\n"))) == [("b/c.png", b"png")]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("payload", [b"0 path=x\n", b"3 path=x\n", b"99 path=x\n", b"zz y\n"])
+def test_a_malformed_pax_record_is_an_error_not_an_endless_loop(payload: bytes) -> None:
+    with pytest.raises(ValueError, match="malformed pax record"):
+        list(iter_members(_pax_member(payload)))

@@ -1,0 +1,57 @@
+"""The TorchServe handler's batch logic, with a stand-in model (the real one runs in
+tests/service/test_server.py through TorchServe)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from tests.conftest import encode
+from trainer.serving.handler import RefitImageClassifier
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+def handler() -> RefitImageClassifier:
+    """Class i scores the mean of channel i: a red image is "red", a blue one "blue"."""
+    h = RefitImageClassifier()
+    h.class_names = list(COLOURS)
+    h.transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    h.device = torch.device("cpu")
+    h.model = lambda images: 20 * images.mean(dim=(2, 3))
+    return h
+
+
+def image(colour: str) -> bytes:
+    return encode(Image.new("RGB", (8, 8), COLOURS[colour]), "PNG")
+
+
+def answers(rows: list[dict]) -> list[dict]:
+    h = handler()
+    return [json.loads(a) for a in h.postprocess(h.inference(h.preprocess(rows)))]
+
+
+def test_each_row_gets_its_own_answer() -> None:
+    rows = [{"data": image("red"), "top_k": b"1"}, {"data": image("blue"), "top_k": b"2"}]
+    first, second = answers(rows)
+    assert [p["label"] for p in first["predictions"]] == ["red"]
+    assert [p["label"] for p in second["predictions"]][:1] == ["blue"]
+
+
+def test_a_bad_top_k_fails_only_its_row_and_shifts_no_other() -> None:
+    """The image of a row whose top_k is bad used to be batched anyway, so every later row
+    read the probabilities of the row before it."""
+    rows = [
+        {"data": image("red"), "top_k": b"many"},
+        {"data": image("blue"), "top_k": b"1"},
+        {"data": b"not an image", "top_k": b"1"},
+        {"data": image("green"), "top_k": b"1"},
+    ]
+    bad_k, blue, undecodable, green = answers(rows)
+    assert "top_k" in bad_k["error"]
+    assert blue["predictions"][0]["label"] == "blue"
+    assert "cannot decode" in undecodable["error"]
+    assert green["predictions"][0]["label"] == "green"
