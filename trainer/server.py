@@ -107,7 +107,14 @@ def build_server(settings: TrainerSettings, runner: JobRunner | None = None) -> 
     )
     if runner is None:
         runner = TrainingRunner(settings, store, Publisher(store, settings.bucket, torchserve))
-    jobs = JobManager(JobStore(store, settings.bucket), runner, max_attempts=settings.max_attempts)
+    jobs = JobManager(
+        JobStore(store, settings.bucket),
+        runner,
+        max_attempts=settings.max_attempts,
+        max_queued=settings.max_queued,
+        history=settings.job_history,
+        retry_backoff_s=settings.retry_backoff_s,
+    )
     server = grpc.server(
         ThreadPoolExecutor(max_workers=32, thread_name_prefix="trainer-grpc"),
         interceptors=[ErrorInterceptor()],

@@ -3,7 +3,13 @@ active job per model name. Watchers follow jobs through an in-memory event log.
 
 Durability: every state change is written through ``JobStore``. On start, ``recover()`` puts jobs
 that a restart interrupted back at the head of the queue (the runner resumes them from their
-checkpoint), and gives up on a job after ``max_attempts`` interruptions.
+checkpoint), and gives up on a job after ``max_attempts`` interruptions. A job whose runner
+reports a passing outage (``JobInterrupted``: the object store is unreachable) runs again from
+its checkpoint after a backoff, within the same ``max_attempts``.
+
+Bounds: at most ``max_queued`` jobs wait (more: RESOURCE_EXHAUSTED); the newest ``history`` ended
+jobs stay in memory, older ones are read back from the store when asked for. Store writes happen
+outside the lock that readers take, one writer at a time so records land in order.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ from trainer.jobs.records import (
     SUCCEEDED,
     JobCancelled,
     JobFailed,
+    JobInterrupted,
     JobRecord,
     JobStore,
+    QueueFull,
     TooLateToCancel,
     new_job_id,
     now,
@@ -50,11 +58,23 @@ class JobContext:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    def stopping(self) -> bool:
+        """The trainer is shutting down: a long wait should end (the job resumes on restart)."""
+        return self._manager._stop.is_set()
+
+    def wait(self, seconds: float) -> None:
+        """Sleeps, waking early when the trainer stops or the job is cancelled."""
+        self._cancel.wait(seconds)
+
     def set_state(self, state: str) -> None:
         self._manager._transition(self.job_id, state)
 
     def update(self, **fields: object) -> None:
         self._manager._update(self.job_id, fields, persist=True)
+
+    def detail(self, text: str) -> None:
+        """Says what the job is doing or waiting for (GetJob, WatchJob)."""
+        self._manager._update(self.job_id, {"detail": text}, persist=True, kind="detail")
 
     def progress(self, progress: dict, *, persist: bool) -> None:
         self._manager._update(self.job_id, {"progress": progress}, persist=persist, kind="progress")
@@ -67,14 +87,27 @@ class JobRunner(Protocol):
 
 
 class JobManager:
-    def __init__(self, store: JobStore, runner: JobRunner, *, max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        runner: JobRunner,
+        *,
+        max_attempts: int = 3,
+        max_queued: int = 100,
+        history: int = 1000,
+        retry_backoff_s: float = 10.0,
+    ) -> None:
         self.store = store
         self.runner = runner
         self.max_attempts = max_attempts
+        self.max_queued = max_queued
+        self.history = history
+        self.retry_backoff_s = retry_backoff_s
         self._jobs: dict[str, JobRecord] = {}
         self._queue: list[str] = []
         self._cancels: dict[str, threading.Event] = {}
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # guards the fields above; never held for I/O
+        self._save_lock = threading.Lock()  # one store writer at a time: records land in order
         self._events: deque[tuple[int, str, JobRecord]] = deque(maxlen=EVENT_LOG_SIZE)
         self._seq = 0
         self._stop = threading.Event()
@@ -117,7 +150,9 @@ class JobManager:
             log.info("resuming job %s (was %s)", record.id, record.state)
             self._update(record.id, {"state": QUEUED}, persist=True, kind="state")
             resumed.append(record.id)
-        self._queue = resumed + queued  # interrupted jobs first: they had started
+        with self._cond:
+            self._queue = resumed + queued  # interrupted jobs first: they had started
+            self._forget_old()
         metrics.TRAINER_QUEUE_LENGTH.set(len(self._queue))
 
     # --- requests --------------------------------------------------------------------------------
@@ -133,18 +168,32 @@ class JobManager:
                     f"model {model!r} already has an active job {job.id} ({job.state}); "
                     f"cancel it or wait"
                 )
+            if len(self._queue) >= self.max_queued:
+                raise QueueFull(
+                    f"{len(self._queue)} jobs are queued (REFIT_TRAINER_MAX_QUEUED); "
+                    "retry when some have run"
+                )
             record = JobRecord(id=new_job_id(), model=model, request=request)
             record.entered[QUEUED] = record.created_at
-            self._jobs[record.id] = record
-            self.store.save(record)
-            self._queue.append(record.id)
-            metrics.TRAINER_QUEUE_LENGTH.set(len(self._queue))
+            self._jobs[record.id] = record  # holds the model's slot while the record is written
+        try:
+            self._persist(record.id)
+        except Exception:
+            with self._cond:
+                del self._jobs[record.id]
+            raise
+        with self._cond:
+            if record.state == QUEUED:  # not cancelled meanwhile
+                self._queue.append(record.id)
+                metrics.TRAINER_QUEUE_LENGTH.set(len(self._queue))
             self._emit("state", record)
             return self._snapshot(record.id)
 
     def get(self, job_id: str) -> JobRecord:
         with self._cond:
-            return self._snapshot(job_id)
+            if job_id in self._jobs:
+                return self._snapshot(job_id)
+        return self._from_store(job_id)
 
     def queue_position(self, job_id: str) -> int:
         with self._cond:
@@ -162,18 +211,25 @@ class JobManager:
 
     def cancel(self, job_id: str) -> JobRecord:
         with self._cond:
+            known = job_id in self._jobs
+        if not known:  # a job that left memory has ended long ago (or never was: NOT_FOUND)
+            raise TooLateToCancel(f"job {job_id} already ended ({self._from_store(job_id).state})")
+        with self._cond:
             job = self._require(job_id)
             if job.terminal:
                 raise TooLateToCancel(f"job {job_id} already ended ({job.state})")
             if job.state in (EXPORTING, PUBLISHING):
                 raise TooLateToCancel(f"job {job_id} is {job.state}: training is over")
-            if job.state == QUEUED:
+            if job.state != QUEUED:
+                self._cancels[job_id].set()  # the runner stops at the next batch
+                return self._snapshot(job_id)
+            if job_id in self._queue:
                 self._queue.remove(job_id)
                 metrics.TRAINER_QUEUE_LENGTH.set(len(self._queue))
-                self._finish(job_id, CANCELLED, "cancelled while queued")
-            else:
-                self._cancels[job_id].set()  # the runner stops at the next batch
-            return self._snapshot(job_id)
+            self._apply(job, {"state": CANCELLED, "error": "cancelled while queued",
+                              "finished_at": now()}, kind="state")  # fmt: skip
+        self._ended(job_id)
+        return self.get(job_id)
 
     def follow(
         self, job_id: str | None, alive: Callable[[], bool]
@@ -182,9 +238,9 @@ class JobManager:
         changes until ``alive()`` turns false."""
         with self._cond:
             cursor = self._seq
-            if job_id is not None:
-                first = self._snapshot(job_id)
+            first = self._snapshot(job_id) if job_id in self._jobs else None
         if job_id is not None:
+            first = first or self._from_store(job_id)
             yield "snapshot", first
             if first.terminal:
                 return
@@ -214,15 +270,24 @@ class JobManager:
                 job_id = self._queue.pop(0)
                 metrics.TRAINER_QUEUE_LENGTH.set(len(self._queue))
                 cancel = self._cancels[job_id] = threading.Event()
+                # Leaves QUEUED under the same lock as the pop: a cancel sees one or the other.
+                job = self._jobs[job_id]
+                self._apply(job, {"attempts": job.attempts + 1, "started_at": now(),
+                                  "state": LOADING_DATA}, kind="state")  # fmt: skip
             with logs.bound(logs.job_id, job_id):  # every log line of the job carries its id
+                self._persist(job_id)
                 self._run(job_id, cancel)
 
     def _run(self, job_id: str, cancel: threading.Event) -> None:
-        self._update(job_id, {"attempts": self._jobs[job_id].attempts + 1, "started_at": now()},
-                     persist=False)  # fmt: skip
-        self._transition(job_id, LOADING_DATA)
         try:
-            self.runner.run(self.get(job_id), JobContext(self, job_id, cancel))
+            while True:
+                try:
+                    self.runner.run(self.get(job_id), JobContext(self, job_id, cancel))
+                except JobInterrupted as exc:
+                    if self._retry_later(job_id, cancel, exc):
+                        continue
+                    return
+                break
         except JobCancelled as exc:
             if self._stop.is_set():
                 return  # trainer shutting down: the job stays RUNNING and resumes on restart
@@ -238,6 +303,26 @@ class JobManager:
             with self._cond:
                 self._cancels.pop(job_id, None)
 
+    def _retry_later(self, job_id: str, cancel: threading.Event, exc: JobInterrupted) -> bool:
+        """After a passing outage: wait with backoff and run again (True), or give up (False)."""
+        attempts = self.get(job_id).attempts
+        if attempts >= self.max_attempts:
+            self._end_failed(job_id, FAILED, f"{exc.message}; gave up after {attempts} attempts")
+            return False
+        delay = self.retry_backoff_s * 2 ** (attempts - 1)
+        log.warning("job %s interrupted (%s); retrying in %.0fs", job_id, exc.message, delay)
+        self._update(job_id, {"detail": f"{exc.message}; resuming from the last checkpoint in "
+                              f"{delay:.0f}s (attempt {attempts + 1} of {self.max_attempts})"},
+                     persist=True, kind="detail")  # fmt: skip
+        cancel.wait(delay)
+        if self._stop.is_set():
+            return False  # resumes on restart
+        if cancel.is_set():
+            self._end_failed(job_id, CANCELLED, "cancelled while waiting to retry")
+            return False
+        self._update(job_id, {"attempts": attempts + 1, "detail": ""}, persist=True)
+        return True
+
     def _end_failed(self, job_id: str, state: str, reason: str) -> None:
         try:
             self.runner.abandon(self.get(job_id))
@@ -248,27 +333,50 @@ class JobManager:
     # --- record changes --------------------------------------------------------------------------
 
     def _transition(self, job_id: str, state: str) -> None:
-        self._update(job_id, {"state": state}, persist=True, kind="state")
+        self._update(job_id, {"state": state, "detail": ""}, persist=True, kind="state")
 
     def _finish(self, job_id: str, state: str, error: str) -> None:
-        self._update(job_id, {"state": state, "error": error, "finished_at": now()},
+        self._update(job_id, {"state": state, "error": error, "detail": "", "finished_at": now()},
                      persist=True, kind="state")  # fmt: skip
-        metrics.TRAINER_JOBS.labels(state.lower()).inc()
-        phases = self.get(job_id).phase_seconds()
-        for phase, seconds in phases.items():
+        self._ended(job_id)
+
+    def _ended(self, job_id: str) -> None:
+        job = self.get(job_id)
+        metrics.TRAINER_JOBS.labels(job.state.lower()).inc()
+        for phase, seconds in job.phase_seconds().items():
             metrics.TRAINER_JOB_PHASE_SECONDS.labels(phase).observe(seconds)
+        with self._cond:
+            self._forget_old()
 
     def _update(self, job_id: str, fields: dict, *, persist: bool, kind: str = "") -> None:
         with self._cond:
-            record = self._require(job_id)
-            for name, value in fields.items():
-                setattr(record, name, value)
-            if "state" in fields:
-                record.entered[fields["state"]] = now()
-            if persist:
-                self.store.save(record)
-            if kind:
-                self._emit(kind, record)
+            self._apply(self._require(job_id), fields, kind)
+        if persist:
+            self._persist(job_id)
+
+    def _apply(self, record: JobRecord, fields: dict, kind: str = "") -> None:
+        # Called with the lock held.
+        for name, value in fields.items():
+            setattr(record, name, value)
+        if "state" in fields:
+            record.entered[fields["state"]] = now()
+        if kind:
+            self._emit(kind, record)
+
+    def _persist(self, job_id: str) -> None:
+        """Writes the job's latest record; the snapshot is taken in write order."""
+        with self._save_lock:
+            with self._cond:
+                record = self._snapshot(job_id)
+            self.store.save(record)
+
+    def _forget_old(self) -> None:
+        """Keeps the newest ``history`` ended jobs in memory (lock held); the store keeps all."""
+        ended = sorted(
+            (j for j in self._jobs.values() if j.terminal), key=lambda j: (j.finished_at, j.id)
+        )
+        for job in ended[: max(len(ended) - self.history, 0)]:
+            del self._jobs[job.id]
 
     def _emit(self, kind: str, record: JobRecord) -> None:
         # Called with the lock held.
@@ -281,6 +389,13 @@ class JobManager:
         if job is None:
             raise NotFound(f"no job {job_id!r}; `refit jobs` lists them")
         return job
+
+    def _from_store(self, job_id: str) -> JobRecord:
+        """A job that has left memory (an old one) is read back from the store."""
+        record = self.store.load(job_id)
+        if record is None:
+            raise NotFound(f"no job {job_id!r}; `refit jobs` lists them")
+        return record
 
     def _snapshot(self, job_id: str) -> JobRecord:
         return copy.deepcopy(self._require(job_id))

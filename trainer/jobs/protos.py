@@ -31,6 +31,7 @@ def job_to_proto(record: JobRecord, queue_position: int = 0) -> pb.Job:
         phase_seconds=record.phase_seconds(),
         queue_position=queue_position,
         attempts=record.attempts,
+        detail=record.detail,
     )
 
 

@@ -7,9 +7,12 @@ restart the trainer knows which jobs were queued or running (and resumes them).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+
+import grpc
 
 from refit.errors import FailedPrecondition, RefitError
 from refit.storage import ObjectStore
@@ -43,12 +46,24 @@ class JobFailed(RefitError):
     """Raised by a runner for a failure the user can act on; ``message`` is the reason."""
 
 
+class JobInterrupted(RefitError):
+    """Raised by a runner when a dependency (the object store) failed for now: the job runs
+    again from its last checkpoint after a backoff, up to ``max_attempts`` runs."""
+
+
 class TooLateToCancel(FailedPrecondition):
     pass
 
 
+class QueueFull(RefitError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def now() -> float:
     return datetime.now(UTC).timestamp()
+
+
+JOB_ID = re.compile(r"^job-[0-9]{8}T[0-9]{6}-[0-9a-f]{8}$")
 
 
 def new_job_id() -> str:
@@ -67,6 +82,7 @@ class JobRecord:
     started_at: float = 0.0
     finished_at: float = 0.0
     error: str = ""
+    detail: str = ""  # what a running job is doing or waiting for, e.g. TorchServe to return
     progress: dict = field(default_factory=dict)
     gate: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
@@ -101,6 +117,14 @@ class JobStore:
 
     def save(self, record: JobRecord) -> None:
         self.store.put(self.bucket, f"{self.PREFIX}{record.id}.json", record.to_json())
+
+    def load(self, job_id: str) -> JobRecord | None:
+        if not JOB_ID.match(job_id):
+            return None
+        key = f"{self.PREFIX}{job_id}.json"
+        if self.store.stat(self.bucket, key) is None:
+            return None
+        return JobRecord.from_json(self.store.get(self.bucket, key))
 
     def load_all(self) -> list[JobRecord]:
         records = [

@@ -19,7 +19,10 @@ class TrainerSettings:
     device: str = "auto"
     loader_workers: int | None = None  # DataLoader processes per job; None: by host
     weights_uri: str = "s3://models/backbones/"
-    max_attempts: int = 3  # restarts a job survives before it fails
+    max_attempts: int = 3  # runs a job gets (trainer restarts, store outages) before it fails
+    retry_backoff_s: float = 10.0  # first wait before a job hit by a store outage runs again
+    max_queued: int = 100  # more waiting jobs: RESOURCE_EXHAUSTED
+    job_history: int = 1000  # ended jobs kept in memory (all stay in the store)
     log_every: int = 5  # batches between progress events
     register_timeout_s: float = 180.0
     publish_base_model: bool = False  # publish imagenet v1 at start (compose)
@@ -40,6 +43,9 @@ class TrainerSettings:
             loader_workers=_optional_int(env.get("REFIT_TRAINER_LOADER_WORKERS", "auto")),
             weights_uri=env.get("REFIT_WEIGHTS_URI", d.weights_uri),
             max_attempts=int(env.get("REFIT_TRAINER_MAX_ATTEMPTS", d.max_attempts)),
+            retry_backoff_s=float(env.get("REFIT_TRAINER_RETRY_BACKOFF_S", d.retry_backoff_s)),
+            max_queued=int(env.get("REFIT_TRAINER_MAX_QUEUED", d.max_queued)),
+            job_history=int(env.get("REFIT_TRAINER_JOB_HISTORY", d.job_history)),
             log_every=int(env.get("REFIT_TRAINER_LOG_EVERY", d.log_every)),
             register_timeout_s=float(env.get("REFIT_REGISTER_TIMEOUT_S", d.register_timeout_s)),
             publish_base_model=env.get("REFIT_PUBLISH_BASE_MODEL", "false").lower()

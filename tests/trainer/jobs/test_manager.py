@@ -3,13 +3,16 @@ order, one job at a time, one active job per model, cancellation, durability and
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
+import grpc
 import pytest
 
 from refit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from refit.storage import FileStore
+from trainer.jobs import manager as manager_module
 from trainer.jobs.manager import JobContext, JobManager
 from trainer.jobs.records import (
     CANCELLED,
@@ -21,6 +24,7 @@ from trainer.jobs.records import (
     TRAINING,
     JobCancelled,
     JobFailed,
+    JobInterrupted,
     JobRecord,
     JobStore,
 )
@@ -29,8 +33,9 @@ from trainer.jobs.records import (
 class ScriptedRunner:
     """Each job trains until released (or cancelled); ``fail`` names models that fail."""
 
-    def __init__(self, fail: tuple[str, ...] = ()) -> None:
+    def __init__(self, fail: tuple[str, ...] = (), interrupt: dict | None = None) -> None:
         self.fail = fail
+        self.interrupt = dict(interrupt or {})  # model -> runs that hit an outage first
         self.started: list[str] = []
         self.running = 0
         self.max_running = 0
@@ -48,6 +53,9 @@ class ScriptedRunner:
         try:
             context.update(version="1")
             context.set_state(TRAINING)
+            if self.interrupt.get(job.model, 0) > 0:
+                self.interrupt[job.model] -= 1
+                raise JobInterrupted("the object store is unreachable")
             while not self.release.wait(0.01):
                 if context.cancelled():
                     raise JobCancelled("training cancelled in epoch 0")
@@ -211,3 +219,149 @@ def test_phase_seconds_come_from_state_entry_times() -> None:
     assert record.phase_seconds() == {
         "queue": 1.0, "data": 2.0, "train": 7.0, "export": 1.0, "publish": 4.0,
     }  # fmt: skip
+
+
+# --- findings: races, locks and bounds ------------------------------------------------------------
+
+
+def test_a_cancel_between_the_workers_pop_and_its_start_is_not_lost(
+    jobs: JobStore, runner: ScriptedRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker pops a job, then starts it: a cancel in between used to raise ValueError
+    (list.remove on a job no longer queued), so the client got INTERNAL and the cancel was lost."""
+    manager = JobManager(jobs, runner)
+    outcome: list = []
+    bound = manager_module.logs.bound
+
+    @contextlib.contextmanager
+    def cancel_first(var, value):  # runs in the worker right after the pop
+        try:
+            outcome.append(manager.cancel(value).state)
+        except Exception as exc:
+            outcome.append(exc)
+        with bound(var, value):
+            yield
+
+    monkeypatch.setattr(manager_module.logs, "bound", cancel_first)
+    job = manager.submit(request("a"))
+    manager.start()
+    try:
+        assert wait_state(manager, job.id, CANCELLED).error
+        assert outcome and not isinstance(outcome[0], Exception), outcome
+    finally:
+        runner.release.set()
+        manager.stop()
+
+
+class SlowStore(JobStore):
+    """Saves block while ``gate`` is clear: a store that stalls."""
+
+    def __init__(self, store: JobStore) -> None:
+        super().__init__(store.store, store.bucket)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def save(self, record: JobRecord) -> None:
+        self.gate.wait(30)
+        super().save(record)
+
+
+def test_readers_do_not_wait_for_a_stalled_store_write(jobs: JobStore, runner) -> None:
+    store = SlowStore(jobs)
+    manager = JobManager(store, runner)
+    manager.start()
+    try:
+        first = manager.submit(request("a"))
+        wait_state(manager, first.id, TRAINING)
+        store.gate.clear()
+        writer = threading.Thread(target=manager.submit, args=(request("b"),))
+        writer.start()  # blocks in save()
+        time.sleep(0.2)
+        reads: list = []
+        reader = threading.Thread(
+            target=lambda: reads.extend([manager.get(first.id), manager.list()])
+        )
+        reader.start()
+        reader.join(2)
+        assert not reader.is_alive(), "GetJob/ListJobs waited for a store write"
+        store.gate.set()
+        writer.join(10)
+    finally:
+        store.gate.set()
+        runner.release.set()
+        manager.stop()
+
+
+def test_the_queue_is_bounded(jobs: JobStore, runner) -> None:
+    manager = JobManager(jobs, runner, max_queued=2)
+    manager.start()
+    try:
+        running = manager.submit(request("a"))
+        wait_state(manager, running.id, TRAINING)
+        manager.submit(request("b"))
+        manager.submit(request("c"))
+        with pytest.raises(Exception) as caught:
+            manager.submit(request("d"))
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "REFIT_TRAINER_MAX_QUEUED" in caught.value.message
+        assert [j.model for j in manager.list()] == ["c", "b", "a"]
+    finally:
+        runner.release.set()
+        manager.stop()
+
+
+def test_only_the_newest_ended_jobs_stay_in_memory(jobs: JobStore, runner) -> None:
+    manager = JobManager(jobs, runner, history=2)
+    manager.start()
+    runner.release.set()
+    try:
+        ids = []
+        for model in ("a", "b", "c", "d"):
+            ids.append(manager.submit(request(model)).id)
+            wait_state(manager, ids[-1], SUCCEEDED)
+        assert [j.id for j in manager.list()] == ids[:1:-1]  # the two newest
+        assert len(manager._jobs) == 2
+        old = manager.get(ids[0])  # read back from the store
+        assert old.state == SUCCEEDED and old.model == "a"
+        with pytest.raises(FailedPrecondition):
+            manager.cancel(ids[0])
+        kind, snapshot = next(manager.follow(ids[0], lambda: True))
+        assert kind == "snapshot" and snapshot.id == ids[0]
+        with pytest.raises(NotFound):
+            manager.get("job-20990101T000000-00000000")
+    finally:
+        manager.stop()
+
+
+def test_a_job_hit_by_an_outage_runs_again_then_gives_up(jobs: JobStore) -> None:
+    runner = ScriptedRunner(interrupt={"flaky": 1, "down": 9})
+    runner.release.set()
+    manager = JobManager(jobs, runner, max_attempts=3, retry_backoff_s=0.05)
+    manager.start()
+    try:
+        flaky = wait_state(manager, manager.submit(request("flaky")).id, SUCCEEDED, FAILED)
+        assert flaky.state == SUCCEEDED and flaky.attempts == 2
+        down = wait_state(manager, manager.submit(request("down")).id, SUCCEEDED, FAILED)
+        assert down.state == FAILED and down.attempts == 3
+        assert down.error == "the object store is unreachable; gave up after 3 attempts"
+        assert runner.abandoned == [down.id]
+    finally:
+        manager.stop()
+
+
+def test_a_running_job_says_what_it_waits_for(manager, runner) -> None:
+    job = manager.submit(request("a"))
+    wait_state(manager, job.id, TRAINING)
+    events = manager.follow(job.id, lambda: True)
+    next(events)
+    JobContext(manager, job.id, threading.Event()).detail("waiting for TorchServe")
+    kind, record = next(events)
+    assert kind == "detail" and record.detail == "waiting for TorchServe"
+    assert manager.get(job.id).detail == "waiting for TorchServe"
+    assert jobs_in_store(manager)[job.id].detail == "waiting for TorchServe"
+    runner.release.set()
+    assert wait_state(manager, job.id, SUCCEEDED).detail == ""
+
+
+def jobs_in_store(manager: JobManager) -> dict[str, JobRecord]:
+    return {r.id: r for r in manager.store.load_all()}
