@@ -22,6 +22,8 @@ class ServiceSettings:
     upstream_timeout_s: float = 30.0  # per TorchServe inference call, capped by the client deadline
     register_timeout_s: float = 180.0  # registering a model starts a worker: seconds, not ms
     reconcile_interval_s: float = 30.0
+    reconcile_retry_s: float = 2.0  # first wait before retrying a version TorchServe refused
+    reconcile_retry_max_s: float = 300.0  # the backoff doubles up to this
     stream_window: int = 8  # PredictStream images in flight at once per call
     workers: int = 32  # gRPC server threads
     trainer_address: str = "127.0.0.1:50052"  # the trainer's internal API
@@ -52,6 +54,10 @@ class ServiceSettings:
             ),
             reconcile_interval_s=float(
                 env.get("REFIT_RECONCILE_INTERVAL_S", defaults.reconcile_interval_s)
+            ),
+            reconcile_retry_s=float(env.get("REFIT_RECONCILE_RETRY_S", defaults.reconcile_retry_s)),
+            reconcile_retry_max_s=float(
+                env.get("REFIT_RECONCILE_RETRY_MAX_S", defaults.reconcile_retry_max_s)
             ),
             stream_window=int(env.get("REFIT_STREAM_WINDOW", defaults.stream_window)),
             workers=int(env.get("REFIT_GRPC_WORKERS", defaults.workers)),

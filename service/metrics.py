@@ -44,6 +44,21 @@ MODEL_VERSIONS = Gauge("refit_model_versions", "Published versions per model", [
 MODEL_DEFAULT = Gauge(
     "refit_model_default_version_info", "1 for each model's default version", ["model", "version"]
 )
+REGISTRATION_FAILURES = Counter(
+    "refit_registration_failures_total",
+    "Attempts to register a published version with TorchServe that failed, by model",
+    ["model"],
+)
+VERSIONS_NOT_SERVED = Gauge(
+    "refit_model_versions_not_served",
+    "Published versions TorchServe does not hold, by model and registration state",
+    ["model", "state"],
+)
+MODEL_PROBLEM = Gauge(
+    "refit_model_problem",
+    "1 while a model cannot be served as published (GetModel says why)",
+    ["model"],
+)
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -103,3 +118,16 @@ def observe_upstream(call: str, seconds: float, error_code: str | None) -> None:
     UPSTREAM_LATENCY.labels(call).observe(seconds)
     if error_code is not None:
         UPSTREAM_ERRORS.labels(call, error_code).inc()
+
+
+def observe_registrations(states: dict[tuple[str, str], str], problems: dict[str, str]) -> None:
+    """The reconciler's view: versions TorchServe lacks (pending or failed), models in trouble."""
+    VERSIONS_NOT_SERVED.clear()
+    MODEL_PROBLEM.clear()
+    for (model, _), state in states.items():
+        VERSIONS_NOT_SERVED.labels(model, "pending").inc(0)
+        VERSIONS_NOT_SERVED.labels(model, "failed").inc(0)
+        if state != "registered":
+            VERSIONS_NOT_SERVED.labels(model, state).inc()
+    for model in problems:
+        MODEL_PROBLEM.labels(model).set(1)

@@ -19,7 +19,7 @@ from refit.registry import Registry
 from refit.torchserve import TorchServeClient
 from refit.v1 import refit_pb2, refit_pb2_grpc
 from service.access_log import AccessLogInterceptor
-from service.catalog import ModelCatalog, Reconciler
+from service.catalog import ModelCatalog, Reconciler, RetryPolicy
 from service.config import ServiceSettings
 from service.jobs import JobMonitor, Jobs
 from service.metrics import MetricsInterceptor, observe_upstream
@@ -59,13 +59,14 @@ class RefitServer:
     def stop(self, grace_s: float = 5.0) -> None:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.stop_event.set()
+        self.reconciler.wake()
         self.monitor.stop()
         self.server.stop(grace_s).wait()
         self.torchserve.close()
         self.trainer.close()
 
     def _watch_health(self) -> None:
-        """SERVING once TorchServe holds every published version; NOT_SERVING while it does not."""
+        """SERVING while TorchServe serves every model's default (see service/catalog.py)."""
         while not self.stop_event.is_set():
             ready = self.reconciler.healthy.is_set()
             status = health_pb2.HealthCheckResponse
@@ -81,13 +82,23 @@ def build_server(settings: ServiceSettings) -> RefitServer:
     store = settings.storage.open()
     store.ensure_bucket(settings.bucket)
     catalog = ModelCatalog(Registry(store, settings.bucket))
+    reconcilers: list[Reconciler] = []
+
+    def observe(call: str, seconds: float, error: str | None) -> None:
+        observe_upstream(call, seconds, error)
+        if call == "predict" and error in ("UNAVAILABLE", "NOT_FOUND") and reconcilers:
+            reconcilers[0].wake()  # TorchServe restarted or lost a version: reconcile now
+
     torchserve = TorchServeClient(
         settings.torchserve_inference,
         settings.torchserve_management,
         timeout_s=settings.upstream_timeout_s,
         register_timeout_s=settings.register_timeout_s,
-        observe=observe_upstream,
+        observe=observe,
     )
+    retry = RetryPolicy(settings.reconcile_retry_s, settings.reconcile_retry_max_s)
+    reconcilers.append(Reconciler(catalog, store, settings.bucket, torchserve, retry))
+    reconciler = reconcilers[0]
     predictor = Predictor(settings, catalog, torchserve)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="grpc"),
@@ -97,11 +108,10 @@ def build_server(settings: ServiceSettings) -> RefitServer:
     trainer = TrainerClient(settings.trainer_address, timeout_s=settings.trainer_timeout_s)
     jobs = Jobs(trainer, catalog, Publisher(store, settings.bucket, torchserve))
     refit_pb2_grpc.add_RefitServicer_to_server(
-        RefitServicer(predictor, catalog, settings.stream_window, jobs), server
+        RefitServicer(predictor, catalog, settings.stream_window, jobs, reconciler), server
     )
     health_servicer = add_health_and_reflection(server, SERVICE_NAME)
     port = bind(server, settings.grpc_address)
-    reconciler = Reconciler(catalog, store, settings.bucket, torchserve)
     return RefitServer(
         server,
         port,

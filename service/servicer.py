@@ -13,18 +13,24 @@ from refit.errors import to_status
 from refit.registry import VersionRecord
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
-from service.catalog import ModelCatalog, ModelEntry
+from service.catalog import FAILED, REGISTERED, ModelCatalog, ModelEntry, Reconciler
 from service.jobs import Jobs
 from service.predictions import Predictor, PredictResult, ordered_map
 
 
 class RefitServicer(refit_pb2_grpc.RefitServicer):
     def __init__(
-        self, predictor: Predictor, catalog: ModelCatalog, stream_window: int, jobs: Jobs
+        self,
+        predictor: Predictor,
+        catalog: ModelCatalog,
+        stream_window: int,
+        jobs: Jobs,
+        reconciler: Reconciler,
     ) -> None:
         self.predictor = predictor
         self.catalog = catalog
         self.jobs = jobs
+        self.reconciler = reconciler
         self.stream_window = stream_window
         self._stream_pool = ThreadPoolExecutor(max_workers=4 * stream_window)
 
@@ -50,10 +56,12 @@ class RefitServicer(refit_pb2_grpc.RefitServicer):
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[_model(e) for e in self.catalog.models()])
+        return pb.ListModelsResponse(
+            models=[_model(e, self.reconciler) for e in self.catalog.models()]
+        )
 
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.Model:
-        return _model(self.catalog.get(request.name))
+        return _model(self.catalog.get(request.name), self.reconciler)
 
     # --- retraining: forwarded to the trainer; defaults and deletion via refit.publish ---
 
@@ -79,12 +87,12 @@ class RefitServicer(refit_pb2_grpc.RefitServicer):
     def SetDefaultVersion(
         self, request: pb.SetDefaultVersionRequest, context: grpc.ServicerContext
     ) -> pb.Model:
-        return _model(self.jobs.set_default(request.model, request.version))
+        return _model(self.jobs.set_default(request.model, request.version), self.reconciler)
 
     def DeleteVersion(
         self, request: pb.DeleteVersionRequest, context: grpc.ServicerContext
     ) -> pb.Model:
-        return _model(self.jobs.delete_version(request.model, request.version))
+        return _model(self.jobs.delete_version(request.model, request.version), self.reconciler)
 
     def _predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> PredictResult:
         return self.predictor.predict(
@@ -107,11 +115,28 @@ def _predict_response(request_id: str, result: PredictResult) -> pb.PredictRespo
     )
 
 
-def _model(entry: ModelEntry) -> pb.Model:
+_REGISTRATIONS = {
+    REGISTERED: pb.ModelVersion.REGISTERED,
+    FAILED: pb.ModelVersion.REGISTRATION_FAILED,
+}
+
+
+def _model(entry: ModelEntry, reconciler: Reconciler) -> pb.Model:
+    versions = []
+    for record in entry.versions:
+        version = _version(record, record.version == entry.default_version)
+        registration = reconciler.registration(entry.name, record.version)
+        version.registration = _REGISTRATIONS.get(registration.state, pb.ModelVersion.PENDING)
+        version.registration_error = registration.error
+        version.registration_attempts = registration.attempts
+        versions.append(version)
+    default = next((v for v in versions if v.is_default), None)
     return pb.Model(
         name=entry.name,
         default_version=entry.default_version or "",
-        versions=[_version(r, r.version == entry.default_version) for r in entry.versions],
+        versions=versions,
+        default_served=default is not None and default.registration == pb.ModelVersion.REGISTERED,
+        problem=reconciler.problem(entry.name),
     )
 
 

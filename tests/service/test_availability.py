@@ -1,0 +1,113 @@
+"""No single broken model takes serving down (issue 11): a version whose archive TorchServe
+refuses, a default that names no version record and a record that does not parse sit next to the
+healthy `imagenet` model. The service must still become SERVING, keep answering for imagenet,
+report each problem (GetModel, metrics) and retry the refused version with backoff.
+
+Before per-version reconciling, the first refused registration aborted every pass: health stayed
+NOT_SERVING for all models (and `make up` failed after 300 s)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from refit.registry import Registry, VersionRecord
+from refit.storage import S3Store
+from refit.torchserve_process import TorchServeProcess
+from refit.v1 import refit_pb2 as pb
+from refit.v1 import refit_pb2_grpc
+from service.server import RefitServer
+from tests.conftest import MotoServer
+from tests.service.conftest import service_settings, start_service
+
+pytestmark = pytest.mark.integration
+GARBAGE = b"this is not a model archive"
+
+
+@pytest.fixture(scope="module")
+def broken_bucket(moto_server: MotoServer, refit_bucket: str) -> str:
+    """imagenet v1 (healthy default) and v2 (a broken archive), plus two broken models."""
+    store = S3Store(moto_server.settings)
+    name = f"broken-{uuid.uuid4().hex[:8]}"
+    store.ensure_bucket(name)
+    source = Registry(store, refit_bucket).get("imagenet", "1")
+    for key in ("registry/imagenet/versions/1.json", "registry/imagenet/default.json"):
+        store.put(name, key, store.get(refit_bucket, key))
+    store.put(name, source.archive_key, store.get(refit_bucket, source.archive_key))
+    registry = Registry(store, name)
+    bad_key = Registry.archive_key("imagenet", hashlib.sha256(GARBAGE).hexdigest())
+    store.put(name, bad_key, GARBAGE)
+    registry.add(VersionRecord("imagenet", "2", bad_key, source.class_names))
+    store.put(name, "registry/orphaned/default.json", json.dumps({"version": "5"}).encode())
+    store.put(name, "registry/unreadable/versions/1.json", b"{not json")
+    return name
+
+
+@pytest.fixture(scope="module")
+def service(
+    moto_server: MotoServer, broken_bucket: str, torchserve: TorchServeProcess
+) -> Iterator[RefitServer]:
+    settings = service_settings(
+        moto_server, broken_bucket, torchserve.ports, reconcile_retry_s=0.5
+    )
+    refit = start_service(settings, wait_ready=False)
+    yield refit
+    refit.stop()
+
+
+@pytest.fixture(scope="module")
+def api(service: RefitServer) -> Iterator[refit_pb2_grpc.RefitStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        yield refit_pb2_grpc.RefitStub(channel)
+
+
+def test_broken_models_do_not_take_serving_down(service: RefitServer, api, cat_jpeg) -> None:
+    from tests.service.conftest import wait_serving
+
+    wait_serving(service.port, timeout_s=90)
+    answer = api.Predict(pb.PredictRequest(image=cat_jpeg, model="imagenet"), timeout=30)
+    assert answer.version == "1" and 281 <= answer.predictions[0].index <= 285
+
+
+def test_the_refused_version_is_reported_and_retried_with_backoff(service, api) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        model = api.GetModel(pb.GetModelRequest(name="imagenet"), timeout=10)
+        v1, v2 = model.versions
+        if v2.registration_attempts >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert model.default_served and not model.problem
+    assert v1.registration == pb.ModelVersion.REGISTERED and v1.state == "serving"
+    assert v2.registration == pb.ModelVersion.REGISTRATION_FAILED and v2.state == "candidate"
+    assert v2.registration_error and v2.registration_attempts >= 3
+    with pytest.raises(grpc.RpcError) as caught:
+        api.Predict(pb.PredictRequest(image=b"\xff\xd8\xff", model="imagenet", version="2"))
+    assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT)
+    labels = {"model": "imagenet", "state": "failed"}
+    assert REGISTRY.get_sample_value("refit_model_versions_not_served", labels) == 1
+    failures = REGISTRY.get_sample_value(
+        "refit_registration_failures_total", {"model": "imagenet"}
+    )
+    assert failures >= 3
+
+
+def test_a_default_without_a_record_is_the_models_problem(service, api) -> None:
+    model = api.GetModel(pb.GetModelRequest(name="orphaned"), timeout=10)
+    assert model.default_version == "5" and not model.default_served
+    assert "no version record" in model.problem and "refit promote orphaned" in model.problem
+    assert REGISTRY.get_sample_value("refit_model_problem", {"model": "orphaned"}) == 1
+
+
+def test_an_unreadable_record_is_the_models_problem(service, api) -> None:
+    names = {m.name: m for m in api.ListModels(pb.ListModelsRequest(), timeout=10).models}
+    assert {"imagenet", "orphaned", "unreadable"} <= set(names)
+    assert "cannot be read" in names["unreadable"].problem
+    assert REGISTRY.get_sample_value("refit_model_problem", {"model": "unreadable"}) == 1
