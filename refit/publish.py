@@ -1,10 +1,12 @@
 """Publishing a trained version, and changing which version is the default.
 
-publish(): register the archive with TorchServe from the object store, smoke-test one inference,
-add the VersionRecord to the registry, then the promotion gate decides whether it becomes the
-default. The order keeps readers safe: a version is in the registry (so the service's reconciler
-and catalog see it) only once TorchServe serves it, and the default flips only after that, so the
-old default answers every request until the switch.
+publish(): add the VersionRecord to the registry (from then on the training is never lost: the
+service's reconciler loads the version whenever TorchServe is up), get it registered with
+TorchServe (retrying with backoff while TorchServe is unreachable, for up to ``wait_s``),
+smoke-test one inference, then the promotion gate decides whether it becomes the default. The
+default flips only once the new version is served, so the old default answers every request until
+the switch. A version that TorchServe refuses, or that fails its smoke test, is removed from the
+registry again: nothing half-working is published.
 
 The gate: the candidate's validation accuracy against the current default's on the SAME
 validation split (the caller evaluates the default, see ``BaselineFn``). A default whose class
@@ -19,20 +21,43 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from refit.errors import FailedPrecondition, NotFound, RefitError
+from refit.errors import DeadlineExceeded, FailedPrecondition, NotFound, RefitError, Unavailable
 from refit.registry import Registry, VersionRecord, check_model_name
 from refit.storage import ObjectStore
-from refit.torchserve import TorchServeClient
+from refit.torchserve import ModelNotLoaded, TorchServeClient
 
 log = logging.getLogger(__name__)
 
 
 class PublishFailed(RefitError):
     """The archive did not load or answer in TorchServe; nothing was published."""
+
+
+class TorchServeAway(RefitError):
+    """TorchServe stayed unreachable for the whole wait; the version stays recorded."""
+
+
+# Reports what a publish waits for, then sleeps that long; it may raise to stop waiting.
+WaitFn = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class PublishRetry:
+    """Backoff while TorchServe is unreachable: first_s, doubling up to max_s, for wait_s."""
+
+    first_s: float = 2.0
+    max_s: float = 60.0
+    wait_s: float = 3600.0
+
+
+def _sleep(reason: str, seconds: float) -> None:
+    log.info("%s", reason)
+    time.sleep(seconds)
 
 
 @dataclass(frozen=True)
@@ -101,10 +126,17 @@ def smoke_image() -> bytes:
 
 
 class Publisher:
-    def __init__(self, store: ObjectStore, bucket: str, torchserve: TorchServeClient) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        bucket: str,
+        torchserve: TorchServeClient,
+        retry: PublishRetry | None = None,
+    ) -> None:
         self.store = store
         self.bucket = bucket
         self.torchserve = torchserve
+        self.retry = retry or PublishRetry()
         self.registry = Registry(store, bucket)
 
     # --- publish a new version -------------------------------------------------------------------
@@ -116,25 +148,36 @@ class Publisher:
         baseline: BaselineFn,
         margin: float = 0.0,
         force: bool = False,
+        wait: WaitFn = _sleep,
     ) -> GateDecision:
-        """Serve, smoke-test, register and gate ``record``; returns the gate's decision."""
+        """Record, serve, smoke-test and gate ``record``; returns the gate's decision."""
+        model, version = record.model, record.version
         existing = self._existing(record)
-        default = self.registry.default_version(record.model)
+        if existing is None:
+            # Left by an interrupted attempt, maybe from another archive: load ours instead.
+            # (TorchServe unreachable: it keeps no models across restarts, so nothing is left.)
+            with contextlib.suppress(Unavailable, DeadlineExceeded):
+                if self._served(model, version):
+                    self.torchserve.unregister(model, version)
+            self.registry.add(record)
+        default = self.registry.default_version(model)
         # Evaluating the default (seconds of CPU) overlaps TorchServe loading the archive.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate") as pool:
             future = None
-            if default is not None and default != record.version:
-                future = pool.submit(baseline, self.registry.get(record.model, default))
-            self._serve(record, reload=existing is None)
-            if existing is None:
-                self.registry.add(record)
+            if default is not None and default != version:
+                future = pool.submit(baseline, self.registry.get(model, default))
+            try:
+                self._serve(record, wait)
+            except PublishFailed:
+                self.store.delete(self.bucket, version_key(model, version))
+                raise
             evaluated = future.result() if future is not None else None
         decision = decide(
             record.metrics.get("val_accuracy", 0.0), evaluated, margin=margin, force=force
         )
-        log.info("%s v%s: %s", record.model, record.version, decision.reason)
+        log.info("%s v%s: %s", model, version, decision.reason)
         if decision.promote:
-            self.promote(record.model, record.version)
+            self.promote(model, version)
         return decision
 
     def withdraw(self, model: str, version: str) -> None:
@@ -156,19 +199,47 @@ class Publisher:
             )
         return existing
 
-    def _serve(self, record: VersionRecord, *, reload: bool) -> None:
+    def _serve(self, record: VersionRecord, wait: WaitFn) -> None:
+        """Registered (by us, or by the service's reconciler, which loads recorded versions too)
+        and answering. While TorchServe is unreachable: retry with backoff, saying so."""
         model, version = record.model, record.version
-        if self._served(model, version):
-            if not reload:
+        deadline = time.monotonic() + self.retry.wait_s
+        attempt = 0
+        while True:
+            try:
+                if not self._served(model, version):
+                    self._register(record)
+                self._smoke_test(record)
                 return
-            # Left by an interrupted attempt, maybe from another archive: load ours instead.
-            self.torchserve.unregister(model, version)
-        self.torchserve.register(model, self.store.url(self.bucket, record.archive_key))
+            except (Unavailable, DeadlineExceeded, ModelNotLoaded) as exc:
+                reason = exc.message  # TorchServe is down or restarted: not the archive's fault
+            except RefitError as exc:
+                with contextlib.suppress(RefitError):
+                    self.torchserve.unregister(model, version)
+                raise PublishFailed(
+                    f"{model} v{version} did not load or answer: {exc.message}"
+                ) from exc
+            attempt += 1
+            delay = min(self.retry.first_s * 2 ** (attempt - 1), self.retry.max_s)
+            if time.monotonic() + delay > deadline:
+                raise TorchServeAway(
+                    f"TorchServe stayed unreachable for {self.retry.wait_s:.0f}s ({reason}); "
+                    f"v{version} stays recorded and the service loads it when TorchServe "
+                    f"returns; then `refit promote {model} {version}` if it should be the default"
+                )
+            wait(
+                f"v{version} is recorded; waiting for TorchServe to serve it ({reason}); "
+                f"attempt {attempt}, next in {delay:.0f}s",
+                delay,
+            )
+
+    def _register(self, record: VersionRecord) -> None:
         try:
-            self._smoke_test(record)
-        except RefitError as exc:
-            self.torchserve.unregister(model, version)
-            raise PublishFailed(f"{model} v{version} failed its smoke test: {exc.message}") from exc
+            self.torchserve.register(record.model, self.store.url(self.bucket, record.archive_key))
+        except RefitError:
+            if not self._served(record.model, record.version):
+                raise
+            # The reconciler registered it at the same moment: as good as ours.
 
     def _smoke_test(self, record: VersionRecord) -> None:
         answer = self.torchserve.predict(record.model, record.version, smoke_image(), top_k=1)

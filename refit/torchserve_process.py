@@ -1,19 +1,25 @@
 """Runs a TorchServe process with refit's hardened configuration (``make up`` and the tests).
 
+TorchServe runs in the foreground (``torchserve --foreground``): it is a child of whoever started
+it, the stack's supervisor (which runs ``command()``) or ``start()`` here (tests, benchmarks), so
+it is watched and stopped through its parent, never through a pid file. It is started in its own
+process group, and stopping signals that group: the Java server and its Python workers.
+
 TorchServe keeps its pid file in the temp dir, so each instance gets a private TMPDIR: two
-instances (a test run beside ``make up``) never stop each other.
+instances (a test run beside ``make up``) never see each other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +33,9 @@ class TorchServePorts:
     grpc_management: int = 7071
 
 
-def allowed_urls_for(storage_url: str) -> str:
-    """A regex admitting only archives under ``storage_url`` (SSRF guard, CVE-2023-43654)."""
-    return re.escape(storage_url.rstrip("/")) + "/.*"
+def allowed_urls_for(*storage_urls: str) -> str:
+    """A regex admitting only archives under ``storage_urls`` (SSRF guard, CVE-2023-43654)."""
+    return "|".join(re.escape(url.rstrip("/")) + "/.*" for url in storage_urls)
 
 
 def render_config(ports: TorchServePorts, model_store: Path, allowed_urls: str) -> str:
@@ -63,57 +69,87 @@ class TorchServeProcess:
         self.home = Path(home).resolve()
         self.ports = ports
         self.allowed_urls = allowed_urls
+        self._process: subprocess.Popen | None = None
 
     @property
     def model_store(self) -> Path:
         return self.home / "model-store"
 
-    def _env(self) -> dict[str, str]:
-        tmp = self.home / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
+    @property
+    def config_file(self) -> Path:
+        return self.home / "config.properties"
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / "logs" / "torchserve-cli.log"
+
+    def env(self) -> dict[str, str]:
         return {
             **os.environ,
-            "TMPDIR": str(tmp),
+            "TMPDIR": str(self.home / "tmp"),
             "LOG_LOCATION": str(self.home / "logs"),
             "METRICS_LOCATION": str(self.home / "logs"),
         }
 
-    def _cli(self, *args: str) -> int:
+    def prepare(self) -> None:
+        """Writes the configuration and the directories ``command()`` needs."""
+        for folder in (self.model_store, self.home / "tmp", self.home / "logs"):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(render_config(self.ports, self.model_store, self.allowed_urls))
+
+    def command(self) -> list[str]:
+        """The foreground server; run it with ``env()``, in ``home``, after ``prepare()``."""
         torchserve = shutil.which("torchserve", path=str(Path(sys.executable).parent))
-        log = self.home / "logs" / "torchserve-cli.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        # Output goes to a file, not a pipe: the Java server inherits it and outlives the CLI.
-        with log.open("a") as out:
-            return subprocess.run(
-                [torchserve or "torchserve", *args],
-                env=self._env(),
-                cwd=self.home,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                check=False,
-            ).returncode
+        return [
+            torchserve or "torchserve",
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--ts-config",
+            str(self.config_file),
+        ]
 
     def start(self, timeout_s: float = 90.0) -> None:
-        if self.is_healthy():
+        """Runs it as our child (tests, benchmarks) and waits until it is healthy."""
+        if self._process is not None and self._process.poll() is None:
             return
-        self.model_store.mkdir(parents=True, exist_ok=True)
-        config = self.home / "config.properties"
-        config.write_text(render_config(self.ports, self.model_store, self.allowed_urls))
-        if self._cli("--start", "--ncs", "--ts-config", str(config)) != 0:
-            raise RuntimeError(f"torchserve --start failed; see {self.home / 'logs'}")
-        self._wait(self.is_healthy, timeout_s, "TorchServe did not become healthy")
+        self.prepare()
+        with self.log_file.open("a") as log:
+            self._process = subprocess.Popen(
+                self.command(),
+                env=self.env(),
+                cwd=self.home,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() signals exactly it
+            )
+        deadline = time.monotonic() + timeout_s
+        while not self.is_healthy():
+            if self._process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited at start; see {self.home / 'logs'}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"TorchServe was not healthy after {timeout_s:.0f}s")
+            time.sleep(0.2)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        pid = self.pid()
-        self._cli("--stop")
-        if pid is not None:
-            self._wait(lambda: not _alive(pid), timeout_s, "TorchServe did not exit")
-
-    def pid(self) -> int | None:
-        pid_file = self.home / "tmp" / ".model_server.pid"
+        """Stops the TorchServe this object started (its process group), nothing else."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        _signal_group(process.pid, signal.SIGTERM)
         try:
-            pid = int(pid_file.read_text().split()[0])
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait(10)
+        _wait_group_gone(process.pid, 10.0)
+
+    def server_pid(self) -> int | None:
+        """The Java server's pid (TorchServe's pid file, in our private TMPDIR)."""
+        try:
+            pid = int((self.home / "tmp" / ".model_server.pid").read_text().split()[0])
         except (FileNotFoundError, ValueError, IndexError):
             return None
         return pid if _alive(pid) else None
@@ -126,14 +162,23 @@ class TorchServeProcess:
         except OSError:
             return False
 
-    @staticmethod
-    def _wait(condition: Callable[[], bool], timeout_s: float, message: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            time.sleep(0.2)
-        raise TimeoutError(message)
+
+def _signal_group(pgid: int, sig: int) -> None:
+    # Safe after the leader is reaped: Linux does not reuse a pid that still names a group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Workers may outlive the CLI by a moment: wait for the whole group, then kill what is left."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

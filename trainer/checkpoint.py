@@ -43,6 +43,10 @@ class CheckpointStore:
     def save(self, state: dict) -> None:
         self.store.put(self.bucket, self.key, to_bytes(state))
 
+    def delete(self) -> None:
+        """After the run is published its checkpoint has no use left."""
+        self.store.delete(self.bucket, self.key)
+
     def load(self) -> dict | None:
         if self.store.stat(self.bucket, self.key) is None:
             return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ from grpc_health.v1 import health, health_pb2
 
 from refit import logs
 from refit.errors import ErrorInterceptor
+from refit.gc import collect_garbage
 from refit.netutil import add_health_and_reflection, bind, wait_for_signal
-from refit.publish import Publisher
+from refit.publish import Publisher, PublishRetry
 from refit.torchserve import TorchServeClient
 from refit.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from refit.v1 import refit_pb2 as pb
@@ -81,16 +83,31 @@ class TrainerServer:
     jobs: JobManager
     torchserve: TorchServeClient
     health: health.HealthServicer
+    settings: TrainerSettings
+    stop_event: threading.Event
 
     def start(self) -> None:
         self.jobs.start()
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.gc_interval_s > 0:
+            threading.Thread(target=self._collect_garbage, daemon=True, name="gc").start()
+
+    def _collect_garbage(self) -> None:
+        """refit/gc.py every gc_interval_s, the first time one interval after start."""
+        store = self.jobs.store.store
+        while not self.stop_event.wait(self.settings.gc_interval_s):
+            try:
+                garbage = collect_garbage(store, self.settings.bucket)
+                log.info("garbage collection removed %d objects", len(garbage.all()))
+            except Exception:
+                log.exception("garbage collection failed; retrying in one interval")
 
     def stop(self, grace_s: float = 5.0) -> None:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.stop_event.set()
         self.jobs.stop()
         self.server.stop(grace_s).wait()
         self.torchserve.close()
@@ -106,7 +123,9 @@ def build_server(settings: TrainerSettings, runner: JobRunner | None = None) -> 
         register_timeout_s=settings.register_timeout_s,
     )
     if runner is None:
-        runner = TrainingRunner(settings, store, Publisher(store, settings.bucket, torchserve))
+        retry = PublishRetry(settings.publish_retry_s, wait_s=settings.publish_wait_s)
+        publisher = Publisher(store, settings.bucket, torchserve, retry)
+        runner = TrainingRunner(settings, store, publisher)
     jobs = JobManager(
         JobStore(store, settings.bucket),
         runner,
@@ -122,7 +141,9 @@ def build_server(settings: TrainerSettings, runner: JobRunner | None = None) -> 
     trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(jobs), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAME)
     port = bind(server, settings.grpc_address)
-    return TrainerServer(server, port, jobs, torchserve, health_servicer)
+    return TrainerServer(
+        server, port, jobs, torchserve, health_servicer, settings, threading.Event()
+    )
 
 
 def use_forkserver() -> None:

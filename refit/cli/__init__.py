@@ -20,6 +20,7 @@ COMMAND_MODULES = {
     "promote": "refit.cli.jobs",
     "rollback": "refit.cli.jobs",
     "versions": "refit.cli.jobs",
+    "gc": "refit.cli.gc",
 }
 
 

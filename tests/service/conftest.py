@@ -15,6 +15,7 @@ from refit.v1 import refit_pb2_grpc
 from service.config import ServiceSettings
 from service.server import RefitServer, build_server
 from tests.conftest import MotoServer, free_port
+from tests.faults import S3FaultProxy
 from trainer.base_model import publish_base_model
 
 
@@ -27,14 +28,23 @@ def refit_bucket(moto_server: MotoServer) -> str:
 
 
 @pytest.fixture(scope="session")
+def s3_proxy(moto_server: MotoServer) -> Iterator[S3FaultProxy]:
+    """The session's S3 server behind a proxy that tests can cut or make refuse writes."""
+    proxy = S3FaultProxy(moto_server.settings)
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="session")
 def torchserve(
-    tmp_path_factory: pytest.TempPathFactory, moto_server: MotoServer
+    tmp_path_factory: pytest.TempPathFactory, moto_server: MotoServer, s3_proxy: S3FaultProxy
 ) -> Iterator[TorchServeProcess]:
     ports = TorchServePorts(*(free_port() for _ in range(5)))
     process = TorchServeProcess(
         tmp_path_factory.mktemp("torchserve"),
         ports,
-        allowed_urls_for(moto_server.settings.endpoint),
+        allowed_urls_for(moto_server.settings.endpoint, s3_proxy.settings.endpoint),
     )
     process.start()
     yield process

@@ -54,9 +54,7 @@ def broken_bucket(moto_server: MotoServer, refit_bucket: str) -> str:
 def service(
     moto_server: MotoServer, broken_bucket: str, torchserve: TorchServeProcess
 ) -> Iterator[RefitServer]:
-    settings = service_settings(
-        moto_server, broken_bucket, torchserve.ports, reconcile_retry_s=0.5
-    )
+    settings = service_settings(moto_server, broken_bucket, torchserve.ports, reconcile_retry_s=0.5)
     refit = start_service(settings, wait_ready=False)
     yield refit
     refit.stop()
@@ -93,9 +91,7 @@ def test_the_refused_version_is_reported_and_retried_with_backoff(service, api) 
     assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT)
     labels = {"model": "imagenet", "state": "failed"}
     assert REGISTRY.get_sample_value("refit_model_versions_not_served", labels) == 1
-    failures = REGISTRY.get_sample_value(
-        "refit_registration_failures_total", {"model": "imagenet"}
-    )
+    failures = REGISTRY.get_sample_value("refit_registration_failures_total", {"model": "imagenet"})
     assert failures >= 3
 
 

@@ -177,7 +177,7 @@ class JobManager:
             record.entered[QUEUED] = record.created_at
             self._jobs[record.id] = record  # holds the model's slot while the record is written
         try:
-            self._persist(record.id)
+            self._persist(record.id, required=True)
         except Exception:
             with self._cond:
                 del self._jobs[record.id]
@@ -363,12 +363,20 @@ class JobManager:
         if kind:
             self._emit(kind, record)
 
-    def _persist(self, job_id: str) -> None:
-        """Writes the job's latest record; the snapshot is taken in write order."""
+    def _persist(self, job_id: str, *, required: bool = False) -> None:
+        """Writes the job's latest record; the snapshot is taken in write order. A write that
+        fails is logged and left to the job's next change (the record in memory is the live one),
+        so a store outage cannot stop the worker; ``required``: raise instead (a submit)."""
         with self._save_lock:
             with self._cond:
                 record = self._snapshot(job_id)
-            self.store.save(record)
+            try:
+                self.store.save(record)
+            except Exception as exc:
+                if required:
+                    raise
+                log.warning("job %s: record not saved (%s); retried at its next change",
+                            job_id, getattr(exc, "message", None) or repr(exc))  # fmt: skip
 
     def _forget_old(self) -> None:
         """Keeps the newest ``history`` ended jobs in memory (lock held); the store keeps all."""

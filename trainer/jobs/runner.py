@@ -2,6 +2,11 @@
 
 The job's id is its training run id, so a job interrupted by a trainer restart continues from its
 last epoch checkpoint; its version is pinned when it first starts, so it publishes the same one.
+Once trained, the version is recorded before TorchServe is asked to load it: a job that a restart
+interrupts while publishing resumes from that record without training again, and a TorchServe
+outage only makes the job wait (it says so in its ``detail``). An object store that stops
+answering mid-training interrupts the job, which runs again from its checkpoint (see manager.py).
+The checkpoint is deleted once the version is published.
 """
 
 from __future__ import annotations
@@ -12,10 +17,18 @@ from dataclasses import replace
 from refit.errors import InvalidArgument, RefitError
 from refit.publish import Publisher
 from refit.registry import Registry, RegistryError, VersionRecord, check_model_name
-from refit.storage import ObjectStore, S3Uri, StorageError
+from refit.storage import NoSuchBucket, NoSuchObject, ObjectStore, S3Uri, StorageError
 from trainer.config import TrainConfig
 from trainer.jobs.manager import JobContext
-from trainer.jobs.records import EXPORTING, PUBLISHING, TRAINING, JobCancelled, JobFailed, JobRecord
+from trainer.jobs.records import (
+    EXPORTING,
+    PUBLISHING,
+    TRAINING,
+    JobCancelled,
+    JobFailed,
+    JobInterrupted,
+    JobRecord,
+)
 from trainer.jobs.settings import TrainerSettings
 
 
@@ -72,37 +85,64 @@ class TrainingRunner:
                 raise InvalidArgument(f"base version: {exc.message}") from exc
 
     def run(self, job: JobRecord, context: JobContext) -> None:
-        version = job.version or Registry(self.store, self.settings.bucket).next_version(job.model)
+        try:
+            self._run(job, context)
+        except (JobCancelled, JobFailed):
+            raise
+        except Exception as exc:
+            if _is_outage(exc):
+                raise JobInterrupted(f"the object store did not answer: {_describe(exc)}") from exc
+            raise
+
+    def _run(self, job: JobRecord, context: JobContext) -> None:
+        registry = Registry(self.store, self.settings.bucket)
+        version = job.version or registry.next_version(job.model)
         context.update(version=version)
         config = train_config(job.request, self.settings, job_id=job.id, version=version)
-        result = self._train(config, context)
-        context.set_state(PUBLISHING)
-        context.update(metrics=result.metrics)
-        record = VersionRecord(
-            model=result.model,
-            version=result.version,
-            archive_key=result.archive_key,
-            class_names=result.class_names,
-            metrics=result.metrics,
-            lineage={
-                **result.lineage,
-                "base_version": job.request.get("base_version", ""),
-                "created_by": job.request.get("created_by", ""),
-                "job_id": job.id,
-            },
-        )
+        record = self._recorded(registry, job, version)
+        if record is None:
+            result = self._train(config, context)
+            context.set_state(PUBLISHING)
+            context.update(metrics=result.metrics)
+            record = VersionRecord(
+                model=result.model,
+                version=result.version,
+                archive_key=result.archive_key,
+                class_names=result.class_names,
+                metrics=result.metrics,
+                lineage={
+                    **result.lineage,
+                    "base_version": job.request.get("base_version", ""),
+                    "created_by": job.request.get("created_by", ""),
+                    "job_id": job.id,
+                },
+            )
+        else:
+            context.set_state(PUBLISHING)  # trained and recorded before a restart
+        from trainer.checkpoint import CheckpointStore
         from trainer.jobs.gate import evaluate_default
 
         decision = self._publish(
             record,
-            lambda default: evaluate_default(self.store, config, result.class_names, default),
+            lambda default: evaluate_default(self.store, config, record.class_names, default),
             bool(job.request.get("force", False)),
+            context,
         )
         context.update(gate=decision.as_dict())
+        CheckpointStore(self.store, self.settings.bucket, job.id).delete()
 
     def abandon(self, job: JobRecord) -> None:
         if job.version:
             self.publisher.withdraw(job.model, job.version)
+
+    @staticmethod
+    def _recorded(registry: Registry, job: JobRecord, version: str) -> VersionRecord | None:
+        """The record this job added before it was interrupted, if any."""
+        try:
+            record = registry.get(job.model, version)
+        except RegistryError:
+            return None
+        return record if record.lineage.get("job_id") == job.id else None
 
     def _train(self, config: TrainConfig, context: JobContext):
         from trainer.backbones import BackboneError
@@ -115,18 +155,60 @@ class TrainingRunner:
             return train_and_package(config, self.store, on_event=sink, cancel=context.cancelled)
         except TrainingCancelled as exc:
             raise JobCancelled(exc.message) from exc
-        except (BackboneError, DatasetError, StorageError, RegistryError) as exc:
-            raise JobFailed(exc.message) from exc
-        except ValueError as exc:
-            raise JobFailed(str(exc)) from exc
+        except Exception as exc:
+            if _is_outage(exc):
+                raise  # run() turns it into JobInterrupted
+            if isinstance(exc, BackboneError | DatasetError | StorageError | RegistryError):
+                raise JobFailed(exc.message) from exc
+            if isinstance(exc, ValueError):
+                raise JobFailed(str(exc)) from exc
+            raise
 
-    def _publish(self, record: VersionRecord, baseline, force: bool):
+    def _publish(self, record: VersionRecord, baseline, force: bool, context: JobContext):
+        def wait(reason: str, seconds: float) -> None:
+            context.detail(reason)
+            context.wait(seconds)
+            if context.stopping():
+                raise JobCancelled("the trainer is stopping; the job resumes at its next start")
+
         try:
             return self.publisher.publish(
-                record, baseline=baseline, margin=self.settings.gate_margin, force=force
+                record, baseline=baseline, margin=self.settings.gate_margin, force=force, wait=wait
             )
+        except JobCancelled:
+            raise
         except RefitError as exc:
             raise JobFailed(f"publishing v{record.version} failed: {exc.message}") from exc
+        except Exception as exc:
+            if not _is_outage(exc) and _is_store_error(exc):  # e.g. the record's write refused
+                raise JobFailed(
+                    f"publishing v{record.version} failed: the object store refused it "
+                    f"({_describe(exc)})"
+                ) from exc
+            raise
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """The object store did not answer (connection refused or reset, timeouts, 5xx, reads that
+    ran out of retries): worth running the job again later, unlike a refusal or a missing key."""
+    from trainer.data.errors import ReadFailed
+    from trainer.data.retry import is_transient
+
+    if isinstance(exc, NoSuchObject | NoSuchBucket):
+        return False
+    return isinstance(exc, ReadFailed | StorageError) or is_transient(exc)
+
+
+def _is_store_error(exc: BaseException) -> bool:
+    from minio.error import MinioException
+    from urllib3.exceptions import HTTPError
+
+    return isinstance(exc, MinioException | HTTPError | OSError)
+
+
+def _describe(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    return f"{code}: {exc}" if isinstance(code, str) else f"{type(exc).__name__}: {exc}"
 
 
 class _ProgressSink:

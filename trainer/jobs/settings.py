@@ -25,6 +25,9 @@ class TrainerSettings:
     job_history: int = 1000  # ended jobs kept in memory (all stay in the store)
     log_every: int = 5  # batches between progress events
     register_timeout_s: float = 180.0
+    publish_retry_s: float = 2.0  # first wait while TorchServe is unreachable at publish time
+    publish_wait_s: float = 3600.0  # then the job fails; its version stays recorded
+    gc_interval_s: float = 3600.0  # garbage collection of the object store (refit/gc.py); 0: off
     publish_base_model: bool = False  # publish imagenet v1 at start (compose)
     storage: StorageSettings = field(default_factory=StorageSettings)
 
@@ -48,6 +51,9 @@ class TrainerSettings:
             job_history=int(env.get("REFIT_TRAINER_JOB_HISTORY", d.job_history)),
             log_every=int(env.get("REFIT_TRAINER_LOG_EVERY", d.log_every)),
             register_timeout_s=float(env.get("REFIT_REGISTER_TIMEOUT_S", d.register_timeout_s)),
+            publish_retry_s=float(env.get("REFIT_PUBLISH_RETRY_S", d.publish_retry_s)),
+            publish_wait_s=float(env.get("REFIT_PUBLISH_WAIT_S", d.publish_wait_s)),
+            gc_interval_s=float(env.get("REFIT_GC_INTERVAL_S", d.gc_interval_s)),
             publish_base_model=env.get("REFIT_PUBLISH_BASE_MODEL", "false").lower()
             in ("1", "true", "yes"),
             storage=StorageSettings.from_env(env),

@@ -1,0 +1,190 @@
+"""Retraining under faults, with real processes: TorchServe down when a job reaches publishing,
+the object store unreachable mid-training, and a publish whose store write is refused.
+
+Each job trains a tiny model (4 colour classes, 32 px) in an in-process trainer against the
+session's TorchServe and S3 server; the store faults go through ``tests.faults.S3FaultProxy``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from refit.registry import Registry
+from refit.storage import S3Store
+from refit.torchserve_process import TorchServeProcess
+from refit.trainer.v1 import trainer_pb2_grpc
+from refit.v1 import refit_pb2 as pb
+from tests.conftest import MotoServer
+from tests.faults import S3FaultProxy
+from tests.service.test_retrain import trainer_settings
+from tests.trainer.synthetic import upload_colours
+from trainer.server import TrainerServer, build_server
+
+pytestmark = pytest.mark.integration
+SIZE = 32
+TINY = pb.Hyperparameters(epochs=2, batch_size=16, lr=3e-3, crop_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def dataset(moto_server: MotoServer) -> str:
+    bucket = f"faults-{uuid.uuid4().hex[:8]}"
+    return upload_colours(S3Store(moto_server.settings), bucket, "c", train=8, val=4, size=SIZE)
+
+
+def start_trainer(settings) -> TrainerServer:
+    server = build_server(settings)
+    server.start()
+    return server
+
+
+def fast_retries(settings, **storage):
+    return dataclasses.replace(
+        settings, retry_backoff_s=1.0, publish_retry_s=0.5, gc_interval_s=0, **storage
+    )
+
+
+@pytest.fixture
+def bucket() -> str:
+    return f"fault-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def stub_for() -> Iterator:
+    channels = []
+
+    def open_stub(trainer: TrainerServer) -> trainer_pb2_grpc.TrainerStub:
+        channels.append(grpc.insecure_channel(f"127.0.0.1:{trainer.port}"))
+        return trainer_pb2_grpc.TrainerStub(channels[-1])
+
+    yield open_stub
+    for channel in channels:
+        channel.close()
+
+
+def submit(stub, model: str, dataset: str) -> pb.Job:
+    request = pb.RetrainRequest(model=model, dataset_uri=dataset, hyperparameters=TINY)
+    return stub.Submit(request, timeout=30)
+
+
+def test_torchserve_down_when_a_job_reaches_publishing(
+    moto_server: MotoServer, torchserve: TorchServeProcess, dataset: str, bucket: str, stub_for
+) -> None:
+    """The version is recorded, the job waits and says so, and it is published once TorchServe
+    returns: no training is lost."""
+    trainer = start_trainer(fast_retries(trainer_settings(moto_server, bucket, torchserve)))
+    try:
+        stub = stub_for(trainer)
+        job = submit(stub, "patient", dataset)
+        events = stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=600)
+        for event in events:
+            if event.job.state == pb.TRAINING:
+                torchserve.stop()  # long before publishing: no race with the job
+                break
+        waiting = None
+        for event in events:
+            if event.job.state == pb.PUBLISHING and "waiting for TorchServe" in event.job.detail:
+                waiting = event.job
+                break
+        assert waiting is not None, "the job never said it waits for TorchServe"
+        record = Registry(S3Store(moto_server.settings), bucket).get("patient", waiting.version)
+        assert record.lineage["job_id"] == job.id  # recorded while TorchServe is away
+        time.sleep(2)  # a few retries while it is down
+        torchserve.start()
+        final = [e.job for e in events][-1]
+        served = {(v.model, v.version) for v in trainer.torchserve.served_versions()}
+    finally:
+        torchserve.start()
+        trainer.stop()
+    assert final.state == pb.SUCCEEDED, final.error
+    assert final.attempts == 1 and final.gate.promoted and not final.detail
+    assert ("patient", final.version) in served
+
+
+def test_object_store_unreachable_mid_training_then_back(
+    moto_server, torchserve, s3_proxy: S3FaultProxy, dataset, bucket, stub_for
+) -> None:
+    """A short outage: the job resumes from its last checkpoint and publishes one version."""
+    settings = fast_retries(trainer_settings(moto_server, bucket, torchserve))
+    trainer = start_trainer(dataclasses.replace(settings, storage=s3_proxy.settings))
+    try:
+        stub = stub_for(trainer)
+        job = submit(stub, "resilient", dataset)
+        events = stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=600)
+        for event in events:
+            if event.job.progress.epoch_end and event.job.progress.epoch == 1:
+                s3_proxy.cut()
+                break
+        interrupted = None
+        for event in events:
+            if "object store did not answer" in event.job.detail:
+                interrupted = event.job
+                break
+        s3_proxy.restore()
+        final = [e.job for e in events][-1]
+    finally:
+        s3_proxy.restore()
+        trainer.stop()
+    assert interrupted is not None and "resuming from the last checkpoint" in interrupted.detail
+    assert final.state == pb.SUCCEEDED, final.error
+    assert final.attempts == 2
+    versions = Registry(S3Store(moto_server.settings), bucket).versions("resilient")
+    assert [(v.version, v.lineage["job_id"]) for v in versions] == [("1", job.id)]
+    store = S3Store(moto_server.settings)
+    assert not list(store.list(bucket, f"checkpoints/{job.id}/"))  # deleted once published
+
+
+def test_object_store_gone_for_good_fails_the_job_with_the_reason(
+    moto_server, torchserve, s3_proxy: S3FaultProxy, dataset, bucket, stub_for
+) -> None:
+    """A lasting outage: after its attempts the job fails, saying why; nothing is published."""
+    settings = fast_retries(trainer_settings(moto_server, bucket, torchserve), max_attempts=2)
+    trainer = start_trainer(dataclasses.replace(settings, storage=s3_proxy.settings))
+    try:
+        stub = stub_for(trainer)
+        job = submit(stub, "doomed", dataset)
+        events = stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=600)
+        for event in events:
+            if event.job.state == pb.TRAINING:
+                s3_proxy.cut()
+                break
+        final = [e.job for e in events][-1]
+    finally:
+        s3_proxy.restore()
+        trainer.stop()
+    assert final.state == pb.FAILED and final.attempts == 2
+    assert "object store did not answer" in final.error and "gave up after 2" in final.error
+    store = S3Store(moto_server.settings)
+    assert not list(store.list(bucket, "registry/doomed/"))
+    assert not list(store.list(bucket, "archives/doomed/"))
+
+
+def test_a_publish_whose_store_write_is_refused_fails_and_keeps_the_default(
+    moto_server, torchserve, s3_proxy: S3FaultProxy, dataset, refit_bucket, bucket, stub_for
+) -> None:
+    store = S3Store(moto_server.settings)
+    store.ensure_bucket(bucket)
+    base = Registry(store, refit_bucket).get("imagenet", "1")
+    registry = Registry(store, bucket)
+    registry.add(dataclasses.replace(base, model="guarded", version="1", lineage={}))
+    registry.set_default("guarded", "1")
+    settings = fast_retries(trainer_settings(moto_server, bucket, torchserve))
+    trainer = start_trainer(dataclasses.replace(settings, storage=s3_proxy.settings))
+    s3_proxy.refuse_puts(f"/{bucket}/registry/")
+    try:
+        stub = stub_for(trainer)
+        job = submit(stub, "guarded", dataset)
+        final = list(stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=600))[-1].job
+    finally:
+        s3_proxy.refuse_puts(None)
+        trainer.stop()
+    assert final.state == pb.FAILED
+    assert "publishing v2 failed" in final.error and "AccessDenied" in final.error
+    assert registry.default_version("guarded") == "1"
+    assert [v.version for v in registry.versions("guarded")] == ["1"]
+    assert json.loads(store.get(bucket, "registry/guarded/default.json")) == {"version": "1"}
