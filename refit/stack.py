@@ -1,27 +1,38 @@
 """``make up`` / ``make down`` / ``make status``: the local stack, no Docker needed.
 
-What runs where (all on loopback):
+What runs where (all on loopback; every port can be moved with the variables in brackets):
     object store   MinIO at $MINIO_ENDPOINT, else the embedded FileStore in $REFIT_DATA_DIR/objects
-    TorchServe     REST 8080-8082, gRPC 7070/7071 (home: $REFIT_DATA_DIR/torchserve)
-    refit service  gRPC 50051, metrics 9101
-    trainer        gRPC 50052 (internal), metrics 9102
-    Prometheus     9090, when installed
+    TorchServe     REST 8080-8082 [REFIT_TORCHSERVE_HTTP_PORTS], gRPC 7070/7071
+                   [REFIT_TORCHSERVE_INFERENCE, REFIT_TORCHSERVE_MANAGEMENT]
+    refit service  gRPC 50051 [REFIT_GRPC_ADDRESS], metrics 9101 [REFIT_METRICS_ADDRESS]
+    trainer        gRPC 50052 (internal) [REFIT_TRAINER_ADDRESS], metrics 9102
+                   [REFIT_TRAINER_METRICS_ADDRESS]
+    Prometheus     9090 [REFIT_PROMETHEUS_ADDRESS], when installed
 State lives in $REFIT_DATA_DIR (default ./.refit) and survives ``make down && make up``.
+
+Supervision: supervisord (the ``supervisor`` package) runs the four components as its children
+and restarts any that exits, with backoff (see ``PROGRAM_DEFAULTS``). It is driven through its
+XML-RPC socket in $REFIT_DATA_DIR/run, never through pid files: stopping signals only processes
+it started itself (their process groups), so a stale pid can never hit an unrelated process.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
+import tempfile
 import time
+import xmlrpc.client
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import yaml
+from supervisor.xmlrpc import SupervisorTransport
 
 from refit.netutil import wait_serving
 from refit.storage import StorageSettings
@@ -29,6 +40,22 @@ from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.local.yml"
+# Restart policy of every component (supervisor's program options): one that exits is started
+# again at once; one that exits again within `startsecs` waits 1 s, 2 s, ... more each time and
+# after `startretries` such quick failures is FATAL (`make status` shows it; `make up` retries).
+PROGRAM_DEFAULTS = {
+    "autostart": "true",
+    "autorestart": "true",
+    "startsecs": "5",
+    "startretries": "10",
+    "stopasgroup": "true",  # TorchServe's Java server and its workers, DataLoader workers
+    "killasgroup": "true",
+    "stopwaitsecs": "30",
+    "redirect_stderr": "true",
+    "stdout_logfile_maxbytes": "20MB",
+    "stdout_logfile_backups": "3",
+}
+RUNNING_STATES = {"STARTING", "RUNNING", "BACKOFF"}  # alive, or about to be restarted
 
 
 @dataclass(frozen=True)
@@ -42,22 +69,30 @@ class StackSettings:
     trainer_address: str = "127.0.0.1:50052"
     trainer_metrics_address: str = "127.0.0.1:9102"
     torchserve: TorchServePorts = field(default_factory=TorchServePorts)
+    extra_env: tuple[tuple[str, str], ...] = ()  # more variables for the components (tests)
 
     @property
     def data_dir(self) -> Path:
         return self.storage.data_dir.resolve()
 
     @classmethod
-    def from_env(cls) -> StackSettings:
+    def from_env(cls, env: dict[str, str] | None = None) -> StackSettings:
+        env = dict(os.environ if env is None else env)
+        http = env.get("REFIT_TORCHSERVE_HTTP_PORTS", "8080,8081,8082").split(",")
+        grpc_inference = env.get("REFIT_TORCHSERVE_INFERENCE", "127.0.0.1:7070")
+        grpc_management = env.get("REFIT_TORCHSERVE_MANAGEMENT", "127.0.0.1:7071")
         return cls(
-            storage=StorageSettings.from_env(),
-            bucket=os.environ.get("REFIT_BUCKET", "refit"),
-            grpc_address=os.environ.get("REFIT_GRPC_ADDRESS", "127.0.0.1:50051"),
-            metrics_address=os.environ.get("REFIT_METRICS_ADDRESS", "127.0.0.1:9101"),
-            prometheus_address=os.environ.get("REFIT_PROMETHEUS_ADDRESS", "127.0.0.1:9090"),
-            trainer_address=os.environ.get("REFIT_TRAINER_ADDRESS", "127.0.0.1:50052"),
-            trainer_metrics_address=os.environ.get(
-                "REFIT_TRAINER_METRICS_ADDRESS", "127.0.0.1:9102"
+            storage=StorageSettings.from_env(env),
+            bucket=env.get("REFIT_BUCKET", "refit"),
+            grpc_address=env.get("REFIT_GRPC_ADDRESS", "127.0.0.1:50051"),
+            metrics_address=env.get("REFIT_METRICS_ADDRESS", "127.0.0.1:9101"),
+            prometheus_address=env.get("REFIT_PROMETHEUS_ADDRESS", "127.0.0.1:9090"),
+            trainer_address=env.get("REFIT_TRAINER_ADDRESS", "127.0.0.1:50052"),
+            trainer_metrics_address=env.get("REFIT_TRAINER_METRICS_ADDRESS", "127.0.0.1:9102"),
+            torchserve=TorchServePorts(
+                *(int(port) for port in http),
+                grpc_inference=int(grpc_inference.rpartition(":")[2]),
+                grpc_management=int(grpc_management.rpartition(":")[2]),
             ),
         )
 
@@ -86,60 +121,123 @@ class StackSettings:
             "REFIT_TRAINER_ADDRESS": self.trainer_address,
             "REFIT_TRAINER_GRPC_ADDRESS": self.trainer_address,
             "REFIT_TRAINER_METRICS_ADDRESS": self.trainer_metrics_address,
+            **dict(self.extra_env),
         }
 
 
 @dataclass(frozen=True)
-class Daemon:
-    """A background process with a pid file and a log file under the data dir."""
+class Program:
+    """One supervised component: what to run, where, with which extra variables."""
 
     name: str
-    argv: tuple[str, ...]
-    data_dir: Path
+    command: list[str]
+    directory: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Supervisor:
+    """supervisord for one data dir, driven over its unix socket (XML-RPC)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.run_dir = data_dir / "run"
+        self.config_file = self.run_dir / "supervisord.conf"
+        self.log_dir = data_dir / "logs"
 
     @property
-    def pid_file(self) -> Path:
-        return self.data_dir / "run" / f"{self.name}.pid"
+    def socket(self) -> Path:
+        path = self.run_dir / "supervisor.sock"
+        if len(str(path)) < 100:
+            return path
+        # A unix socket path is limited to ~107 bytes: a deep data dir gets a short, stable name.
+        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"refit-{digest}.sock"
 
-    @property
-    def log_file(self) -> Path:
-        return self.data_dir / "logs" / f"{self.name}.log"
+    def rpc(self) -> xmlrpc.client.ServerProxy:
+        transport = SupervisorTransport(None, None, f"unix://{self.socket}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
-    def pid(self) -> int | None:
+    def running(self) -> bool:
         try:
-            pid = int(self.pid_file.read_text())
-            os.kill(pid, 0)
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            return None
-        return pid
+            return self.rpc().supervisor.getState()["statename"] == "RUNNING"
+        except (OSError, xmlrpc.client.Error):
+            return False
 
-    def start(self, env: dict[str, str]) -> None:
-        if self.pid() is not None:
+    def start(self, programs: list[Program], env: dict[str, str]) -> None:
+        """Starts supervisord with ``programs`` (it starts them); if it runs, (re)starts any of
+        them that is not running."""
+        if self.running():
+            self.rpc().supervisor.reloadConfig()
+            for info in self.rpc().supervisor.getAllProcessInfo():
+                if info["statename"] not in RUNNING_STATES:
+                    self.rpc().supervisor.startProcess(info["name"], False)
             return
-        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("a") as log:
-            process = subprocess.Popen(
-                self.argv,
-                env=env,
-                cwd=self.data_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # survives the `make` that started it
-            )
-        self.pid_file.write_text(str(process.pid))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(self.render(programs))
+        supervisord = Path(sys.executable).with_name("supervisord")
+        # supervisord daemonizes itself; it keeps this environment for its programs.
+        subprocess.run(
+            [str(supervisord), "-c", str(self.config_file)], env=env, cwd=self.data_dir, check=True
+        )
+        deadline = time.monotonic() + 30
+        while not self.running():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"supervisord did not start; see {self.log_dir}")
+            time.sleep(0.1)
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        pid = self.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while self.pid() is not None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if self.pid() is not None:
-                os.kill(pid, signal.SIGKILL)
-        self.pid_file.unlink(missing_ok=True)
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """Stops every program (their process groups), then supervisord itself."""
+        if not self.running():
+            return
+        self.rpc().supervisor.shutdown()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self.rpc().supervisor.getState()
+            except (OSError, xmlrpc.client.Error):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"supervisord did not stop in {timeout_s:.0f}s; see {self.log_dir}")
+
+    def states(self) -> dict[str, dict]:
+        if not self.running():
+            return {}
+        return {info["name"]: info for info in self.rpc().supervisor.getAllProcessInfo()}
+
+    def pid(self, name: str) -> int | None:
+        info = self.states().get(name)
+        return info["pid"] if info and info["pid"] else None
+
+    def render(self, programs: list[Program]) -> str:
+        sections = {
+            "unix_http_server": {"file": str(self.socket), "chmod": "0700"},
+            "supervisord": {
+                "logfile": str(self.log_dir / "supervisord.log"),
+                "pidfile": str(self.run_dir / "supervisord.pid"),  # for people; never read here
+                "childlogdir": str(self.log_dir),
+                "directory": str(self.data_dir),
+            },
+            "rpcinterface:supervisor": {
+                "supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"
+            },
+            "supervisorctl": {"serverurl": f"unix://{self.socket}"},
+        }
+        for priority, program in enumerate(programs, start=1):
+            sections[f"program:{program.name}"] = {
+                **PROGRAM_DEFAULTS,
+                "command": " ".join(_quote(arg) for arg in program.command),
+                "directory": str(program.directory),
+                "priority": str(priority * 10),  # started in this order, stopped in reverse
+                "stdout_logfile": str(self.log_dir / f"{program.name}.log"),
+                "environment": ",".join(f'{k}="{_escape(v)}"' for k, v in program.env.items()),
+            }
+        return "".join(
+            f"[{name}]\n"
+            + "".join(f"{k}={_escape_percent(v)}\n" for k, v in values.items() if v)
+            + "\n"
+            for name, values in sections.items()
+        )
 
 
 class Stack:
@@ -149,90 +247,141 @@ class Stack:
         self.torchserve = TorchServeProcess(
             data / "torchserve", settings.torchserve, allowed_urls_for(settings.storage_url())
         )
-        self.trainer = Daemon("trainer", (sys.executable, "-m", "trainer.server"), data)
-        self.service = Daemon("service", (sys.executable, "-m", "service.server"), data)
-        prometheus = shutil.which("prometheus")
-        self.prometheus = (
-            Daemon(
-                "prometheus",
-                (
-                    prometheus,
-                    f"--config.file={data / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={data / 'prometheus'}",
-                    f"--web.listen-address={settings.prometheus_address}",
-                ),
+        self.supervisor = Supervisor(data)
+        self.prometheus_binary = shutil.which("prometheus")
+
+    def programs(self) -> list[Program]:
+        data = self.settings.data_dir
+        ts_env = self.torchserve.env()
+        programs = [
+            Program(
+                "torchserve",
+                self.torchserve.command(),
+                self.torchserve.home,
+                {k: ts_env[k] for k in ("TMPDIR", "LOG_LOCATION", "METRICS_LOCATION")},
+            ),
+            Program(
+                "trainer",
+                [sys.executable, "-m", "trainer.server"],
                 data,
+                # DataLoader workers report metrics through files here (multiprocess mode).
+                {"PROMETHEUS_MULTIPROC_DIR": str(data / "run" / "trainer-metrics")},
+            ),
+            Program("service", [sys.executable, "-m", "service.server"], data),
+        ]
+        if self.prometheus_binary:
+            programs.append(
+                Program(
+                    "prometheus",
+                    [
+                        self.prometheus_binary,
+                        f"--config.file={data / 'prometheus.yml'}",
+                        f"--storage.tsdb.path={data / 'prometheus'}",
+                        f"--web.listen-address={self.settings.prometheus_address}",
+                    ],
+                    data,
+                )
             )
-            if prometheus
-            else None
-        )
+        return programs
 
     def up(self, timeout_s: float = 300.0) -> None:
         env = self.settings.service_env()
         _step("object store", self.settings.storage_url())
-        self.torchserve.start()
-        _step("TorchServe", f"127.0.0.1:{self.settings.torchserve.grpc_inference} (gRPC)")
         subprocess.run(
             [sys.executable, "-m", "trainer.base_model", "--bucket", self.settings.bucket],
             env=env,
             check=True,
         )
-        self.trainer.start({**env, "PROMETHEUS_MULTIPROC_DIR": str(self._fresh_metrics_dir())})
-        self._wait(self.settings.trainer_address, timeout_s, self.trainer)
+        self.torchserve.prepare()
+        (self.settings.data_dir / "run" / "trainer-metrics").mkdir(parents=True, exist_ok=True)
+        if self.prometheus_binary:
+            render_prometheus_config(self.settings, self.settings.data_dir / "prometheus.yml")
+        self.supervisor.start(self.programs(), env)
+        _step("supervisor", f"{self.supervisor.socket} (restarts crashed components)")
+        self._wait_torchserve(timeout_s)
+        _step("TorchServe", f"127.0.0.1:{self.settings.torchserve.grpc_inference} (gRPC)")
+        self._wait(self.settings.trainer_address, timeout_s, "trainer")
         _step(
             "trainer",
             f"{self.settings.trainer_address} (metrics on "
             f"http://{self.settings.trainer_metrics_address}/metrics)",
         )
-        self.service.start(env)
-        if self.prometheus is not None:
-            render_prometheus_config(self.settings, self.settings.data_dir / "prometheus.yml")
-            self.prometheus.start(env)
+        if self.prometheus_binary:
             _step("Prometheus", f"http://{self.settings.prometheus_address}")
         else:
             _step("Prometheus", "not installed (apt-get install prometheus); skipped")
-        self._wait(self.settings.grpc_address, timeout_s, self.service)
+        try:
+            self._wait(self.settings.grpc_address, timeout_s, "service")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{self._model_report() or ''}".rstrip()) from exc
         _step(
             "refit service",
             f"{self.settings.grpc_address} (metrics on "
             f"http://{self.settings.metrics_address}/metrics)",
         )
+        if report := self._model_report():
+            print(report)
         print(f"ready. logs: {self.settings.data_dir / 'logs'}; try: refit predict IMAGE")
 
-    def _fresh_metrics_dir(self) -> Path:
-        """The trainer's DataLoader workers report metrics through files here (multiprocess)."""
-        path = self.settings.data_dir / "run" / "trainer-metrics"
-        if self.trainer.pid() is None:  # never wipe the files of a running trainer
-            shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def _wait_torchserve(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.torchserve.is_healthy():
+            self._check_alive("torchserve")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"TorchServe was not healthy after {timeout_s:.0f}s; "
+                                   f"see {self.torchserve.home / 'logs'}")  # fmt: skip
+            time.sleep(0.5)
 
-    @staticmethod
-    def _wait(address: str, timeout_s: float, daemon: Daemon) -> None:
+    def _wait(self, address: str, timeout_s: float, name: str) -> None:
         try:
-            wait_serving(address, timeout_s, lambda: daemon.pid() is not None)
+            wait_serving(address, timeout_s, lambda: self._check_alive(name))
         except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{daemon.name}: {exc}; see {daemon.log_file}") from exc
+            log = self.settings.data_dir / "logs" / f"{name}.log"
+            raise RuntimeError(f"{name}: {exc}; see {log}") from exc
+
+    def _check_alive(self, name: str) -> bool:
+        state = self.supervisor.states().get(name, {}).get("statename", "STOPPED")
+        if state not in RUNNING_STATES:
+            raise RuntimeError(f"{name} is {state} (it kept exiting at start)")
+        return True
+
+    def _model_report(self) -> str:
+        """Versions TorchServe refused and models that cannot be served, if any."""
+        try:
+            with grpc.insecure_channel(self.settings.grpc_address) as channel:
+                from refit.v1 import refit_pb2 as pb
+                from refit.v1 import refit_pb2_grpc
+
+                stub = refit_pb2_grpc.RefitStub(channel)
+                models = stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+        except grpc.RpcError:
+            return ""
+        lines = []
+        for model in models:
+            if model.problem:
+                lines.append(f"  ! {model.name}: {model.problem}")
+            for v in model.versions:
+                if v.registration == pb.ModelVersion.REGISTRATION_FAILED:
+                    role = "default" if v.is_default else "not the default"
+                    lines.append(
+                        f"  ! {model.name} v{v.version} ({role}) cannot be loaded, retrying "
+                        f"with backoff: {v.registration_error}"
+                    )
+        return "\n".join(lines)
 
     def down(self) -> None:
-        self.service.stop()
-        self.trainer.stop()
-        if self.prometheus is not None:
-            self.prometheus.stop()
-        self.torchserve.stop()
+        self.supervisor.stop()
         print("stopped; state kept in", self.settings.data_dir)
 
     def status(self) -> int:
-        rows = {
-            "TorchServe": self.torchserve.is_healthy(),
-            "refit service": self.service.pid() is not None,
-            "trainer": self.trainer.pid() is not None,
-        }
-        if self.prometheus is not None:
-            rows["Prometheus"] = self.prometheus.pid() is not None
-        for name, running in rows.items():
-            print(f"{name:15} {'running' if running else 'stopped'}")
-        return 0 if all(rows.values()) else 1
+        states = self.supervisor.states()
+        names = [p.name for p in self.programs()]
+        for name in names:
+            info = states.get(name)
+            shown = f"{info['statename']:9} {info['description']}" if info else "stopped"
+            print(f"{name:15} {shown}")
+        healthy = all(states.get(n, {}).get("statename") == "RUNNING" for n in names)
+        return 0 if healthy and self.torchserve.is_healthy() else 1
 
 
 def render_prometheus_config(settings: StackSettings, path: Path) -> None:
@@ -246,6 +395,18 @@ def render_prometheus_config(settings: StackSettings, path: Path) -> None:
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _quote(arg: str) -> str:
+    return f'"{arg}"' if " " in arg else arg
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _escape_percent(value: str) -> str:
+    return value.replace("%", "%%")  # supervisor expands %(name)s in every value
 
 
 def _step(name: str, where: str) -> None:

@@ -61,8 +61,10 @@ class S3FaultProxy:
 
             def refused(self) -> bool:
                 prefix = proxy.refused_prefix
-                return self.command == "PUT" and prefix is not None and (
-                    urlsplit(self.path).path.startswith(prefix)
+                return (
+                    self.command == "PUT"
+                    and prefix is not None
+                    and (urlsplit(self.path).path.startswith(prefix))
                 )
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)

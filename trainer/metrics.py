@@ -9,6 +9,7 @@ every process's values. Gauges are set by the main process only ("livemostrecent
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -76,6 +77,15 @@ TRAINER_JOB_PHASE_SECONDS = Histogram(
     ["phase"],  # queue | data | train | export | publish
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200),
 )
+
+
+def reset_multiprocess_files() -> None:
+    """At start-up, before any worker exists: a restarted trainer must not add the values its
+    previous run left in PROMETHEUS_MULTIPROC_DIR."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        for stale in Path(folder).glob("*.db"):
+            stale.unlink(missing_ok=True)
 
 
 def serve(address: str) -> None:

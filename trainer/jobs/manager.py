@@ -307,7 +307,8 @@ class JobManager:
         """After a passing outage: wait with backoff and run again (True), or give up (False)."""
         attempts = self.get(job_id).attempts
         if attempts >= self.max_attempts:
-            self._end_failed(job_id, FAILED, f"{exc.message}; gave up after {attempts} attempts")
+            runs = f"{attempts} attempts" if attempts > 1 else "1 attempt"
+            self._end_failed(job_id, FAILED, f"{exc.message}; gave up after {runs}")
             return False
         delay = self.retry_backoff_s * 2 ** (attempts - 1)
         log.warning("job %s interrupted (%s); retrying in %.0fs", job_id, exc.message, delay)
