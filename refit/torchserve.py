@@ -157,7 +157,9 @@ def _translate(exc: grpc.RpcError, call: str, subject: str) -> RefitError:
         return DeadlineExceeded(f"TorchServe did not answer {call} for {subject} in time")
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"TorchServe is unreachable ({details}); retry shortly")
-    if code == grpc.StatusCode.NOT_FOUND:
+    # TorchServe answers an unknown model with INTERNAL "Model not found: NAME" (0.12).
+    unknown = code == grpc.StatusCode.INTERNAL and "model not found" in details.lower()
+    if code == grpc.StatusCode.NOT_FOUND or unknown:
         if call == "predict":
             return ModelNotLoaded(f"{subject} is published but not loaded in TorchServe yet; retry")
         return NotFound(f"TorchServe has no {subject}: {details}")

@@ -86,7 +86,7 @@ def build_server(settings: ServiceSettings) -> RefitServer:
 
     def observe(call: str, seconds: float, error: str | None) -> None:
         observe_upstream(call, seconds, error)
-        if call == "predict" and error in ("UNAVAILABLE", "NOT_FOUND") and reconcilers:
+        if call == "predict" and error in ("UNAVAILABLE", "NOT_FOUND", "INTERNAL") and reconcilers:
             reconcilers[0].wake()  # TorchServe restarted or lost a version: reconcile now
 
     torchserve = TorchServeClient(

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 DATASET_OBJECTS_READ = Counter(
     "refit_dataset_objects_read_total",
@@ -79,13 +79,16 @@ TRAINER_JOB_PHASE_SECONDS = Histogram(
 )
 
 
-def reset_multiprocess_files() -> None:
-    """At start-up, before any worker exists: a restarted trainer must not add the values its
-    previous run left in PROMETHEUS_MULTIPROC_DIR."""
+def forget_dead_processes() -> None:
+    """At start-up: the gauges of a previous trainer (restarted by the supervisor) and its dead
+    workers must not be reported as live. Counters stay: they are totals."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if folder:
-        for stale in Path(folder).glob("*.db"):
-            stale.unlink(missing_ok=True)
+    if not folder:
+        return
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            mark_process_dead(pid, folder)
 
 
 def serve(address: str) -> None:

@@ -156,7 +156,7 @@ def use_forkserver() -> None:
 
 def main() -> None:
     logs.configure("trainer")
-    metrics.reset_multiprocess_files()
+    metrics.forget_dead_processes()
     settings = TrainerSettings.from_env()
     use_forkserver()
     if settings.publish_base_model:

@@ -111,6 +111,8 @@ def test_up_predict_retrain_observe(
     print(f"service SIGKILLed during WatchJob: SERVING again after {restarted:.1f}s")
     assert stack.supervisor.pid("service") not in (None, service_pid)
     assert pb.JobState.Name(final.state) == "SUCCEEDED", final.error
+    # The restarted service counts from zero: one more Predict for Prometheus to see.
+    assert refit_cli(["predict", str(image), "--address", settings.grpc_address]) == 0
     check_prometheus(settings)
 
 
