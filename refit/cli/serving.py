@@ -81,9 +81,13 @@ def run_models(args: argparse.Namespace) -> int:
         return 0
     for model in models:
         print(f"{model.name}  default v{model.default_version or '-'}")
+        if model.problem:
+            print(f"  ! {model.problem}")
         for v in model.versions:
             accuracy = v.metrics.get("val_accuracy")
             shown = f"val_acc {accuracy:.1%}" if accuracy is not None else ""
+            if v.registration == pb.ModelVersion.REGISTRATION_FAILED:
+                shown += f"  ! not loaded ({v.registration_attempts} tries): {v.registration_error}"
             print(
                 f"  v{v.version:<4} {v.state:9} {len(v.class_names):4} classes  "
                 f"{v.lineage.backbone:18} {shown}"
