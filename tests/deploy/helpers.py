@@ -59,6 +59,9 @@ SERVICE_METRICS = {
     "refit_request_payload_bytes",
     "refit_model_versions",
     "refit_model_default_version_info",
+    "refit_registration_failures_total",
+    "refit_model_versions_not_served",
+    "refit_model_problem",
 }
 TRAINER_METRICS = {
     "refit_trainer_jobs_total",
