@@ -182,6 +182,8 @@ def job_line(job: pb.Job) -> str:
         line += f" v{job.version}"
     if job.state == pb.QUEUED and job.queue_position:
         line += f"  (#{job.queue_position} in queue)"
+    elif job.detail:  # what a running job waits for, e.g. TorchServe to return
+        line += f"  {job.detail}"
     elif job.state == pb.TRAINING and job.progress.epochs:
         line += f"  epoch {job.progress.epoch}/{job.progress.epochs}"
     elif job.state == pb.SUCCEEDED:
@@ -241,6 +243,8 @@ def _watch(args: argparse.Namespace, stub, job_id: str) -> int:
                 print()
             print(f"{state_name(job).lower().replace('_', ' ')}", flush=True)
             last_state = job.state
+        if event.kind == "detail" and job.detail:
+            print(f"  {job.detail}", flush=True)
         if event.kind == "progress" and job.progress.epochs:
             line = progress_line(job.progress)
             if live:

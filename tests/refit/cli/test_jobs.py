@@ -45,3 +45,6 @@ def test_job_line_per_state() -> None:
     assert job_line(done).endswith("v4  val_acc 87.5% -> candidate")
     failed = pb.Job(id="job-3", model="m", state=pb.FAILED, error="no images under s3://x/y")
     assert job_line(failed).endswith("no images under s3://x/y")
+    waiting = pb.Job(id="job-4", model="m", state=pb.PUBLISHING, version="2",
+                     detail="v2 is recorded; waiting for TorchServe")  # fmt: skip
+    assert job_line(waiting).endswith("v2  v2 is recorded; waiting for TorchServe")
