@@ -69,7 +69,6 @@ class StackSettings:
     trainer_address: str = "127.0.0.1:50052"
     trainer_metrics_address: str = "127.0.0.1:9102"
     torchserve: TorchServePorts = field(default_factory=TorchServePorts)
-    extra_env: tuple[tuple[str, str], ...] = ()  # more variables for the components (tests)
 
     @property
     def data_dir(self) -> Path:
@@ -121,7 +120,6 @@ class StackSettings:
             "REFIT_TRAINER_ADDRESS": self.trainer_address,
             "REFIT_TRAINER_GRPC_ADDRESS": self.trainer_address,
             "REFIT_TRAINER_METRICS_ADDRESS": self.trainer_metrics_address,
-            **dict(self.extra_env),
         }
 
 
