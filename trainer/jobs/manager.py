@@ -346,8 +346,6 @@ class JobManager:
         metrics.TRAINER_JOBS.labels(job.state.lower()).inc()
         for phase, seconds in job.phase_seconds().items():
             metrics.TRAINER_JOB_PHASE_SECONDS.labels(phase).observe(seconds)
-        with self._cond:
-            self._forget_old()
 
     def _update(self, job_id: str, fields: dict, *, persist: bool, kind: str = "") -> None:
         with self._cond:
@@ -361,6 +359,8 @@ class JobManager:
             setattr(record, name, value)
         if "state" in fields:
             record.entered[fields["state"]] = now()
+            if record.terminal:  # in the same step: no reader sees more than `history` ended
+                self._forget_old(keep=record.id)
         if kind:
             self._emit(kind, record)
 
@@ -379,12 +379,14 @@ class JobManager:
                 log.warning("job %s: record not saved (%s); retried at its next change",
                             job_id, getattr(exc, "message", None) or repr(exc))  # fmt: skip
 
-    def _forget_old(self) -> None:
-        """Keeps the newest ``history`` ended jobs in memory (lock held); the store keeps all."""
+    def _forget_old(self, keep: str = "") -> None:
+        """Keeps the newest ``history`` ended jobs in memory (lock held); the store keeps all.
+        ``keep``: a job that just ended, still to be written."""
         ended = sorted(
-            (j for j in self._jobs.values() if j.terminal), key=lambda j: (j.finished_at, j.id)
+            (j for j in self._jobs.values() if j.terminal and j.id != keep),
+            key=lambda j: (j.finished_at, j.id),
         )
-        for job in ended[: max(len(ended) - self.history, 0)]:
+        for job in ended[: max(len(ended) + bool(keep) - self.history, 0)]:
             del self._jobs[job.id]
 
     def _emit(self, kind: str, record: JobRecord) -> None:
