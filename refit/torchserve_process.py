@@ -5,8 +5,9 @@ it, the stack's supervisor (which runs ``command()``) or ``start()`` here (tests
 it is watched and stopped through its parent, never through a pid file. It is started in its own
 process group, and stopping signals that group: the Java server and its Python workers.
 
-TorchServe keeps its pid file in the temp dir, so each instance gets a private TMPDIR: two
-instances (a test run beside ``make up``) never see each other.
+TorchServe keeps its pid file, and Java its worker sockets, in the temp dir, so each instance gets
+a private one (TMPDIR and java.io.tmpdir): two instances (a test run beside ``make up``) never see
+each other.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class TorchServeProcess:
         return {
             **os.environ,
             "TMPDIR": str(self.home / "tmp"),
+            # Java ignores TMPDIR; its temp dir holds the worker sockets (.ts.sock.<port>), which
+            # would otherwise collide between TorchServe instances on one host.
+            "JAVA_TOOL_OPTIONS": f"-Djava.io.tmpdir={self.home / 'tmp'}",
             "LOG_LOCATION": str(self.home / "logs"),
             "METRICS_LOCATION": str(self.home / "logs"),
         }

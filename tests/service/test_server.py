@@ -36,6 +36,15 @@ def test_predict_coffee_top5(stub: refit_pb2_grpc.RefitStub, coffee_jpeg: bytes)
     assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
 
 
+def test_torchserve_workers_use_sockets_in_their_own_temp_dir(
+    stub: refit_pb2_grpc.RefitStub, torchserve, coffee_jpeg: bytes
+) -> None:
+    # Java ignores TMPDIR: without its own java.io.tmpdir every TorchServe on the host puts its
+    # first worker's socket at /tmp/.ts.sock.9000, and two instances steal each other's workers.
+    stub.Predict(pb.PredictRequest(image=coffee_jpeg, model="imagenet"), timeout=60)
+    assert list((torchserve.home / "tmp").glob(".ts.sock.*"))
+
+
 def test_predict_explicit_version_and_top_k(
     stub: refit_pb2_grpc.RefitStub, cat_jpeg: bytes
 ) -> None:
