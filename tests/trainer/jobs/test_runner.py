@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from refit.registry import InvalidModelName
+from refit.identifiers import InvalidModelName
 from trainer.engine import ProgressEvent
 from trainer.jobs.records import EXPORTING, TRAINING
 from trainer.jobs.runner import _ProgressSink, train_config
