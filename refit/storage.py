@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlparse
 
 import grpc
 
@@ -75,10 +74,16 @@ class S3Uri:
 
     @classmethod
     def parse(cls, uri: str) -> S3Uri:
-        parsed = urlparse(uri)
-        if parsed.scheme != "s3" or not parsed.netloc:
+        """``s3://BUCKET/PREFIX``; the bucket and prefix follow refit.identifiers' rules."""
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        if not uri.startswith("s3://") or not bucket:
             raise ValueError(f"expected s3://BUCKET/PREFIX, got {uri!r}")
-        return cls(parsed.netloc, parsed.path.lstrip("/"))
+        try:
+            check_bucket(bucket)
+            check_prefix(key)
+        except InvalidIdentifier as exc:
+            raise ValueError(exc.message) from exc
+        return cls(bucket, key)
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.key}"

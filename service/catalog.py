@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 
 from refit.errors import NotFound
-from refit.registry import ModelNotFound, Registry, VersionRecord, check_model_name
+from refit.identifiers import check_model_name
+from refit.registry import ModelNotFound, Registry, VersionRecord
 from refit.storage import ObjectStore
 from refit.torchserve import TorchServeClient
 from service import metrics

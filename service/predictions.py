@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from refit.errors import InvalidArgument
-from refit.registry import check_model_name
+from refit.identifiers import check_model_name, check_version
 from refit.torchserve import TorchServeClient
 from service.catalog import ModelCatalog
 from service.config import ServiceSettings
@@ -55,6 +55,8 @@ class Predictor:
         if not model:
             raise InvalidArgument("model is required, e.g. 'imagenet'; `refit models` lists them")
         check_model_name(model)
+        if version:
+            check_version(version)
         inspect_image(
             image,
             max_bytes=self.settings.max_image_bytes,

@@ -258,8 +258,12 @@ def test_s3_presigned_url_points_at_the_endpoint(s3_store, bucket: str) -> None:
 def test_s3_uri() -> None:
     assert S3Uri.parse("s3://bucket/a/b/") == S3Uri("bucket", "a/b/")
     assert str(S3Uri("b", "p")) == "s3://b/p"
+    assert S3Uri.parse("s3://bucket") == S3Uri("bucket", "")
     with pytest.raises(ValueError, match="s3://BUCKET/PREFIX"):
         S3Uri.parse("/local/path")
+    for bad in ("s3://../x", "s3://bucket/../x", "s3://bucket/a\nb", "s3://bucket//x"):
+        with pytest.raises(ValueError, match="invalid"):
+            S3Uri.parse(bad)
 
 
 # --- the embedded store's disk fills up ---------------------------------------------------------

@@ -44,15 +44,15 @@ def torchserve(
 def service_settings(
     moto_server: MotoServer, bucket: str, ports: TorchServePorts, **overrides: object
 ) -> ServiceSettings:
-    return ServiceSettings(
-        grpc_address="127.0.0.1:0",
-        torchserve_inference=f"127.0.0.1:{ports.grpc_inference}",
-        torchserve_management=f"127.0.0.1:{ports.grpc_management}",
-        bucket=bucket,
-        reconcile_interval_s=2.0,
-        storage=moto_server.settings,
-        **overrides,
-    )
+    fields = {
+        "grpc_address": "127.0.0.1:0",
+        "torchserve_inference": f"127.0.0.1:{ports.grpc_inference}",
+        "torchserve_management": f"127.0.0.1:{ports.grpc_management}",
+        "bucket": bucket,
+        "reconcile_interval_s": 2.0,
+        "storage": moto_server.settings,
+    }
+    return ServiceSettings(**{**fields, **overrides})
 
 
 def start_service(settings: ServiceSettings, wait_ready: bool = True) -> RefitServer:
@@ -76,9 +76,13 @@ def refit_service(
     refit.stop()
 
 
+def connect(port: int) -> grpc.Channel:
+    return grpc.insecure_channel(f"127.0.0.1:{port}")
+
+
 @pytest.fixture(scope="session")
 def channel(refit_service: RefitServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(f"127.0.0.1:{refit_service.port}") as channel:
+    with connect(refit_service.port) as channel:
         yield channel
 
 

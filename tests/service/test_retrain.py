@@ -42,6 +42,7 @@ from trainer.server import TrainerServer, build_server
 SIZE = 48
 GOOD = pb.Hyperparameters(epochs=3, batch_size=16, lr=3e-3, crop_size=SIZE)
 POOR = pb.Hyperparameters(epochs=1, batch_size=16, lr=1e-9, crop_size=SIZE, seed=7)
+UNKNOWN_JOB = "job-20000101T000000-00000000"  # well formed, never issued
 RUN_STATES = ("LOADING_DATA", "TRAINING", "EXPORTING", "PUBLISHING", "SUCCEEDED")
 pytestmark = pytest.mark.integration
 
@@ -336,7 +337,7 @@ def test_trainer_down_is_unavailable_with_a_hint(
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert f"trainer at {nowhere} is unreachable" in caught.value.details()
             with pytest.raises(grpc.RpcError) as caught:
-                list(stub.WatchJob(pb.WatchJobRequest(id="job-x"), timeout=10))
+                list(stub.WatchJob(pb.WatchJobRequest(id=UNKNOWN_JOB), timeout=10))
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         refit.stop()
@@ -344,7 +345,7 @@ def test_trainer_down_is_unavailable_with_a_hint(
 
 def test_unknown_job(api) -> None:
     with pytest.raises(grpc.RpcError) as caught:
-        api.GetJob(pb.GetJobRequest(id="job-nope"), timeout=10)
+        api.GetJob(pb.GetJobRequest(id=UNKNOWN_JOB), timeout=10)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
