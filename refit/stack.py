@@ -25,6 +25,7 @@ import yaml
 
 from refit.netutil import wait_serving
 from refit.storage import StorageSettings
+from refit.tokens import create_tokens_file, tokens_file
 from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +87,7 @@ class StackSettings:
             "REFIT_TRAINER_ADDRESS": self.trainer_address,
             "REFIT_TRAINER_GRPC_ADDRESS": self.trainer_address,
             "REFIT_TRAINER_METRICS_ADDRESS": self.trainer_metrics_address,
+            "REFIT_TOKENS_FILE": str(tokens_file(self.data_dir)),  # API tokens (refit.tokens)
         }
 
 
@@ -184,6 +186,8 @@ class Stack:
             f"{self.settings.trainer_address} (metrics on "
             f"http://{self.settings.trainer_metrics_address}/metrics)",
         )
+        if create_tokens_file(tokens_file(self.settings.data_dir)):
+            _step("API tokens", f"{tokens_file(self.settings.data_dir)} (mode 0600)")
         self.service.start(env)
         if self.prometheus is not None:
             render_prometheus_config(self.settings, self.settings.data_dir / "prometheus.yml")

@@ -31,6 +31,7 @@ from trainer.jobs.runner import TrainingRunner
 from trainer.jobs.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
+GRPC_WORKERS = 32  # the service is its only client: its watches and its job monitor
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
 
 
@@ -109,8 +110,9 @@ def build_server(settings: TrainerSettings, runner: JobRunner | None = None) -> 
         runner = TrainingRunner(settings, store, Publisher(store, settings.bucket, torchserve))
     jobs = JobManager(JobStore(store, settings.bucket), runner, max_attempts=settings.max_attempts)
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=32, thread_name_prefix="trainer-grpc"),
+        ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="trainer-grpc"),
         interceptors=[ErrorInterceptor()],
+        maximum_concurrent_rpcs=GRPC_WORKERS,  # every call has a thread; one more is refused
     )
     trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(jobs), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAME)

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from refit.cli import main as refit_cli
+from refit.client import ClientSettings, connect
 from refit.stack import Stack, StackSettings
 from refit.storage import StorageSettings
 from refit.torchserve_process import TorchServePorts
@@ -57,7 +58,7 @@ def wait_for_series(settings: StackSettings, query: str, timeout_s: float = 30.0
 def retrain_tiny_model(settings: StackSettings) -> pb.Job:
     store = settings.storage.open()
     dataset = upload_colours(store, "datasets", "colours", train=12, val=4, size=32)
-    with grpc.insecure_channel(settings.grpc_address) as channel:
+    with connect(ClientSettings.from_env(settings.grpc_address)) as channel:
         api = refit_pb2_grpc.RefitStub(channel)
         hyper = pb.Hyperparameters(epochs=1, batch_size=16, crop_size=32)
         job = api.Retrain(
@@ -69,10 +70,17 @@ def retrain_tiny_model(settings: StackSettings) -> pb.Job:
 
 
 def test_up_predict_retrain_observe_down_up(
-    settings: StackSettings, tmp_path: Path, coffee_jpeg: bytes, capsys: pytest.CaptureFixture
+    settings: StackSettings,
+    tmp_path: Path,
+    coffee_jpeg: bytes,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if shutil.which("prometheus") is None:
         pytest.fail("prometheus is not installed; `make test` installs it (apt-get)")
+    for name in ("REFIT_TOKEN", "REFIT_TOKENS_FILE", "REFIT_ADMIN_TOKEN", "REFIT_PREDICT_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REFIT_DATA_DIR", str(settings.data_dir))  # as `make up` exports it
     image = tmp_path / "coffee.jpg"
     image.write_bytes(coffee_jpeg)
     stack = Stack(settings)
@@ -80,6 +88,7 @@ def test_up_predict_retrain_observe_down_up(
         stack.up()
         archives = sorted((tmp_path / "data" / "objects" / "refit" / "archives").rglob("*.mar"))
         assert len(archives) == 1
+        check_tokens(settings)
         capsys.readouterr()
         argv = ["predict", str(image), "--address", settings.grpc_address, "--json"]
         assert refit_cli(argv) == 0
@@ -99,6 +108,16 @@ def test_up_predict_retrain_observe_down_up(
         assert "imagenet  default v1" in listing and "colours  default v1" in listing
     finally:
         stack.down()
+
+
+def check_tokens(settings: StackSettings) -> None:
+    """`make up` created private tokens; the service demands them; the CLI found them."""
+    path = settings.data_dir / "tokens.env"
+    assert path.stat().st_mode & 0o777 == 0o600
+    anonymous = grpc.insecure_channel(settings.grpc_address)
+    with anonymous, pytest.raises(grpc.RpcError) as caught:
+        refit_pb2_grpc.RefitStub(anonymous).ListModels(pb.ListModelsRequest(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def check_prometheus(settings: StackSettings) -> None:

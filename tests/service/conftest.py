@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from refit import netutil
-from refit.storage import S3Store
+from refit.client import ClientSettings
+from refit.client import connect as client_connect
+from refit.storage import S3Store, StorageSettings
 from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.v1 import refit_pb2_grpc
+from service.auth import AuthSettings
 from service.config import ServiceSettings
 from service.server import RefitServer, build_server
 from tests.conftest import MotoServer, free_port
 from trainer.base_model import publish_base_model
+
+ADMIN_TOKEN = f"admin-{secrets.token_urlsafe(24)}"  # the tests' tokens: new every session
+PREDICT_TOKEN = f"predict-{secrets.token_urlsafe(24)}"
+TEST_AUTH = AuthSettings(admin_tokens=(ADMIN_TOKEN,), predict_tokens=(PREDICT_TOKEN,))
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +60,23 @@ def service_settings(
         "bucket": bucket,
         "reconcile_interval_s": 2.0,
         "storage": moto_server.settings,
+        "auth": TEST_AUTH,
+    }
+    return ServiceSettings(**{**fields, **overrides})
+
+
+def offline_settings(data_dir: Path, **overrides: object) -> ServiceSettings:
+    """The service on the embedded store, with no TorchServe and no trainer behind it: for what
+    the front door decides on its own (identifiers, auth, TLS, limits)."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    fields = {
+        "grpc_address": "127.0.0.1:0",
+        "torchserve_inference": nowhere,
+        "torchserve_management": nowhere,
+        "trainer_address": nowhere,
+        "reconcile_interval_s": 3600.0,
+        "storage": StorageSettings(data_dir=data_dir),
+        "auth": TEST_AUTH,
     }
     return ServiceSettings(**{**fields, **overrides})
 
@@ -76,8 +102,9 @@ def refit_service(
     refit.stop()
 
 
-def connect(port: int) -> grpc.Channel:
-    return grpc.insecure_channel(f"127.0.0.1:{port}")
+def connect(port: int, token: str = ADMIN_TOKEN) -> grpc.Channel:
+    """A channel to the service on ``port`` that sends ``token`` (admin unless told)."""
+    return client_connect(ClientSettings(f"127.0.0.1:{port}", token=token))
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,11 @@ import grpc
 import pytest
 
 from refit.registry import Registry, VersionRecord
-from refit.storage import FileStore, StorageSettings
-from refit.torchserve_process import TorchServePorts
+from refit.storage import FileStore
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
-from tests.conftest import MotoServer, free_port
-from tests.service.conftest import connect, service_settings, start_service
+from tests.service.conftest import connect, offline_settings, start_service
 
 TRAVERSALS = [
     "../../other/versions/1",
@@ -49,17 +47,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def file_service(data_dir: Path, moto_server: MotoServer) -> Iterator[RefitServer]:
-    nowhere = TorchServePorts(*(free_port() for _ in range(5)))
-    settings = service_settings(
-        moto_server,
-        "refit",
-        nowhere,
-        storage=StorageSettings(data_dir=data_dir),
-        trainer_address=f"127.0.0.1:{free_port()}",
-        reconcile_interval_s=3600.0,
-    )
-    refit = start_service(settings, wait_ready=False)
+def file_service(data_dir: Path) -> Iterator[RefitServer]:
+    refit = start_service(offline_settings(data_dir), wait_ready=False)
     yield refit
     refit.stop()
 

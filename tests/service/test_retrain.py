@@ -34,7 +34,7 @@ from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
 from tests.conftest import MotoServer, free_port, wait_for_port
-from tests.service.conftest import service_settings, start_service
+from tests.service.conftest import connect, service_settings, start_service
 from tests.trainer.synthetic import CLASS_NAMES, colour_image, png_bytes, upload_colours
 from trainer.jobs.settings import TrainerSettings
 from trainer.server import TrainerServer, build_server
@@ -94,7 +94,7 @@ def retrain_service(
 
 @pytest.fixture(scope="module")
 def api(retrain_service: RefitServer) -> Iterator[refit_pb2_grpc.RefitStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{retrain_service.port}") as channel:
+    with connect(retrain_service.port) as channel:
         yield refit_pb2_grpc.RefitStub(channel)
 
 
@@ -330,7 +330,7 @@ def test_trainer_down_is_unavailable_with_a_hint(
     )
     refit = start_service(settings, wait_ready=False)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{refit.port}") as channel:
+        with connect(refit.port) as channel:
             stub = refit_pb2_grpc.RefitStub(channel)
             with pytest.raises(grpc.RpcError) as caught:
                 retrain(stub, "colours", "s3://data/colours")
