@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 from refit import netutil
 from refit.client import ClientSettings
 from refit.client import connect as client_connect
-from refit.storage import S3Store, StorageSettings
+from refit.registry import Registry, VersionRecord
+from refit.storage import FileStore, S3Store, StorageSettings
 from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.v1 import refit_pb2_grpc
 from service.auth import AuthSettings
@@ -79,6 +81,29 @@ def offline_settings(data_dir: Path, **overrides: object) -> ServiceSettings:
         "auth": TEST_AUTH,
     }
     return ServiceSettings(**{**fields, **overrides})
+
+
+def publish_records(data_dir: Path, versions: dict[str, list[str]]) -> FileStore:
+    """Version records (default: the first) in the embedded store under ``data_dir``; their
+    archives do not exist: for tests that never reach TorchServe."""
+    store = FileStore(data_dir / "objects")
+    store.ensure_bucket("refit")
+    registry = Registry(store, "refit")
+    for model, numbers in versions.items():
+        for version in numbers:
+            registry.add(VersionRecord(model, version, f"archives/{model}/x.mar", ["a", "b"]))
+        registry.set_default(model, numbers[0])
+    return store
+
+
+@pytest.fixture
+def silent_torchserve() -> Iterator[str]:
+    """Accepts connections and never answers: every Predict waits for its upstream timeout."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield f"127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
 
 
 def start_service(settings: ServiceSettings, wait_ready: bool = True) -> RefitServer:

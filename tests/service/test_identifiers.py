@@ -14,12 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from refit.registry import Registry, VersionRecord
-from refit.storage import FileStore
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
-from tests.service.conftest import connect, offline_settings, start_service
+from tests.service.conftest import connect, offline_settings, publish_records, start_service
 
 TRAVERSALS = [
     "../../other/versions/1",
@@ -36,13 +34,7 @@ TRAVERSALS = [
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = tmp_path_factory.mktemp("identifiers")
-    store = FileStore(data / "objects")
-    store.ensure_bucket("refit")
-    registry = Registry(store, "refit")
-    for model in ("imagenet", "other"):
-        for version in ("1", "2"):
-            registry.add(VersionRecord(model, version, f"archives/{model}/x.mar", ["a", "b"]))
-        registry.set_default(model, "1")
+    publish_records(data, {"imagenet": ["1", "2"], "other": ["1", "2"]})
     return data
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,12 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from refit.registry import Registry, VersionRecord
-from refit.storage import FileStore
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
-from tests.service.conftest import connect, offline_settings, start_service
+from tests.service.conftest import connect, offline_settings, publish_records, start_service
 
 
 class HeldStream:
@@ -39,21 +36,8 @@ class HeldStream:
 
 
 @pytest.fixture
-def silent_torchserve() -> Iterator[str]:
-    """Accepts connections and never answers: every Predict waits for its upstream timeout."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    yield f"127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
-
-
-@pytest.fixture
 def limited(tmp_path: Path, silent_torchserve: str) -> Iterator[RefitServer]:
-    store = FileStore(tmp_path / "objects")
-    store.ensure_bucket("refit")
-    Registry(store, "refit").add(VersionRecord("imagenet", "1", "archives/x.mar", ["a", "b"]))
-    Registry(store, "refit").set_default("imagenet", "1")
+    publish_records(tmp_path, {"imagenet": ["1"]})
     settings = offline_settings(
         tmp_path,
         workers=3,
