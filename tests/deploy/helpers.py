@@ -59,6 +59,7 @@ SERVICE_METRICS = {
     "refit_request_payload_bytes",
     "refit_model_versions",
     "refit_model_default_version_info",
+    "refit_auth_failures_total",
 }
 TRAINER_METRICS = {
     "refit_trainer_jobs_total",
