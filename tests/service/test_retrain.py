@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import grpc
 import numpy as np
@@ -34,7 +35,7 @@ from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
 from tests.conftest import MotoServer, free_port, wait_for_port
-from tests.service.conftest import connect, service_settings, start_service
+from tests.service.conftest import ADMIN_TOKEN, connect, service_settings, start_service
 from tests.trainer.synthetic import CLASS_NAMES, colour_image, png_bytes, upload_colours
 from trainer.jobs.settings import TrainerSettings
 from trainer.server import TrainerServer, build_server
@@ -214,8 +215,9 @@ def test_no_request_failed_during_the_promotion(second) -> None:
 
 
 def cli(service: RefitServer, *args: str) -> tuple[int, str]:
+    """The refit CLI as an operator runs it: the admin token in REFIT_TOKEN."""
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), mock.patch.dict(os.environ, {"REFIT_TOKEN": ADMIN_TOKEN}):
         code = refit_cli.main([*args, "--address", f"127.0.0.1:{service.port}"])
     return code, out.getvalue()
 
