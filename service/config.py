@@ -67,8 +67,9 @@ class ServiceSettings:
     reconcile_interval_s: float = 30.0
     stream_window: int = 8  # PredictStream images in flight at once per call
     workers: int = 32  # gRPC threads, and the most RPCs in progress at once
-    max_streams: int = 16  # streaming calls at once (default: half the workers), so they can
-    # never hold every thread: unary calls and health checks keep the rest
+    # Streaming calls at once (from_env: half the workers): unary calls and health checks always
+    # keep the other threads.
+    max_streams: int = 16
     trainer_address: str = "127.0.0.1:50052"  # the trainer's internal API
     trainer_timeout_s: float = 10.0  # per unary call to the trainer
     storage: StorageSettings = field(default_factory=StorageSettings)
