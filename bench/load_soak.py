@@ -1,14 +1,19 @@
 """Load and soak against a running stack (the service as its own process, a real TorchServe, the
 embedded store), all through the public API with tokens on:
 
-1. load: CLIENTS clients x PER_CLIENT Predicts at once; every answer checked (lost = an RPC that
-   failed, wrong = a top-1 label or version other than the known one);
+1. load: CLIENTS clients x PER_CLIENT Predicts at once;
 2. soak: SOAK more Predicts from 8 clients, the service's RSS sampled from /proc every 1,000;
    growth is measured from the soak's start (after the load phase warmed every cache);
 3. stream: one PredictStream of STREAM images; every answer present, in order and right.
 
-Usage: .venv/bin/python bench/load_soak.py [--clients 16 --per-client 1000 --soak 20000
-       --stream 10000]; prints a JSON summary and markdown rows for docs/reliability.md.
+Every answer is checked against the answer the same image got alone before the run (labels,
+scores, version): lost = an RPC that failed, wrong = any difference (a mixed-up or corrupted
+answer). ``--model imagenet`` serves the base model (EfficientNet-Lite0, 224 px);
+``--model tiny`` (default) first retrains a small model at 32 px through the trainer, so the
+run measures the service rather than CPU inference on a shared machine.
+
+Usage: .venv/bin/python bench/load_soak.py [--model tiny|imagenet --clients 16
+       --per-client 1000 --soak 20000 --stream 10000]; prints JSON summaries.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from PIL import Image
 from skimage import data
 
 from refit.client import ClientSettings, connect
+from refit.demo import dataset, upload
+from refit.storage import StorageSettings
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 
@@ -36,14 +43,41 @@ def jpeg(array) -> bytes:
     return buffer.getvalue()
 
 
-COFFEE, CAT = jpeg(data.coffee()), jpeg(data.chelsea())
+@dataclass(frozen=True)
+class Workload:
+    model: str
+    images: list[bytes]
+    reference: list[tuple] = field(default_factory=list)  # each image's answer, alone
+
+    def image(self, n: int) -> tuple[int, bytes]:
+        index = n % len(self.images)
+        return index, self.images[index]
 
 
-def right(answer: pb.PredictResponse, image: bytes) -> bool:
-    top = answer.predictions[0]
-    if answer.version != "1" or len(answer.predictions) != 5:
-        return False
-    return top.label == "espresso" if image is COFFEE else 281 <= top.index <= 285
+def answer_key(answer: pb.PredictResponse) -> tuple:
+    return answer.version, tuple((p.label, round(p.score, 5)) for p in answer.predictions)
+
+
+def prepare(stack: RunningStack, model: str) -> Workload:
+    stub = refit_pb2_grpc.RefitStub(connect(ClientSettings(stack.address, token=stack.admin_token)))
+    if model == "imagenet":
+        images = [jpeg(data.coffee()), jpeg(data.chelsea()), jpeg(data.astronaut())]
+    else:
+        _, train, test = dataset(20, 2)
+        uri = upload(StorageSettings(data_dir=stack.data_dir).open(), "datasets", "tiny", train)
+        hp = pb.Hyperparameters(epochs=1, batch_size=32, crop_size=32)
+        job = stub.Retrain(pb.RetrainRequest(model=model, dataset_uri=uri, hyperparameters=hp,
+                                             force=True), timeout=60)  # fmt: skip
+        for event in stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=1800):
+            job = event.job
+        if job.state != pb.SUCCEEDED:
+            raise RuntimeError(f"the tiny model did not train: {job.error}")
+        images = [example.png for example in test]
+    workload = Workload(model, images)
+    for image in images:
+        answer = stub.Predict(pb.PredictRequest(image=image, model=model), timeout=60)
+        workload.reference.append(answer_key(answer))
+    return workload
 
 
 @dataclass
@@ -77,7 +111,9 @@ class Tally:
         }
 
 
-def clients(stack: RunningStack, count: int, per_client: int, on_progress=None) -> dict:
+def clients(
+    stack: RunningStack, work: Workload, count: int, per_client: int, on_progress=None
+) -> dict:
     """``count`` threads, each with its own channel, ``per_client`` Predicts each."""
     tally = Tally()
     done = [0]
@@ -89,10 +125,10 @@ def clients(stack: RunningStack, count: int, per_client: int, on_progress=None) 
         ok = lost = wrong = 0
         latencies, errors = [], {}
         for i in range(per_client):
-            image = COFFEE if (n + i) % 2 else CAT
+            index, image = work.image(n + i)
             start = time.perf_counter()
             try:
-                answer = stub.Predict(pb.PredictRequest(image=image, model="imagenet"), timeout=60)
+                answer = stub.Predict(pb.PredictRequest(image=image, model=work.model), timeout=60)
             except Exception as exc:  # every failure is a lost request
                 lost += 1
                 code = getattr(exc, "code", lambda: None)()
@@ -100,7 +136,7 @@ def clients(stack: RunningStack, count: int, per_client: int, on_progress=None) 
                 errors[name] = errors.get(name, 0) + 1
                 continue
             latencies.append(time.perf_counter() - start)
-            if right(answer, image):
+            if answer_key(answer) == work.reference[index]:
                 ok += 1
             else:
                 wrong += 1
@@ -120,14 +156,14 @@ def clients(stack: RunningStack, count: int, per_client: int, on_progress=None) 
     return tally.summary(time.perf_counter() - start)
 
 
-def soak(stack: RunningStack, total: int, concurrency: int = 8) -> dict:
+def soak(stack: RunningStack, work: Workload, total: int, concurrency: int = 8) -> dict:
     samples = [(0, stack.rss_bytes())]
 
     def sample(done: int) -> None:
         if done % 1000 == 0:
             samples.append((done, stack.rss_bytes()))
 
-    result = clients(stack, concurrency, total // concurrency, on_progress=sample)
+    result = clients(stack, work, concurrency, total // concurrency, on_progress=sample)
     samples.append((result["requests"], stack.rss_bytes()))
     start, end = samples[0][1], samples[-1][1]
     peak = max(r for _, r in samples)
@@ -137,13 +173,12 @@ def soak(stack: RunningStack, total: int, concurrency: int = 8) -> dict:
     return result
 
 
-def stream(stack: RunningStack, count: int) -> dict:
+def stream(stack: RunningStack, work: Workload, count: int) -> dict:
     channel = connect(ClientSettings(stack.address, token=stack.predict_token))
     stub = refit_pb2_grpc.RefitStub(channel)
-    images = [COFFEE if i % 2 else CAT for i in range(count)]
     requests = (
-        pb.PredictRequest(image=image, model="imagenet", request_id=str(i))
-        for i, image in enumerate(images)
+        pb.PredictRequest(image=work.image(i)[1], model=work.model, request_id=str(i))
+        for i in range(count)
     )
     received = out_of_order = errors = wrong = 0
     start = time.perf_counter()
@@ -152,7 +187,7 @@ def stream(stack: RunningStack, count: int) -> dict:
         out_of_order += answer.request_id != str(i)
         if answer.error.code:
             errors += 1
-        elif not right(answer, images[i]):
+        elif answer_key(answer) != work.reference[work.image(i)[0]]:
             wrong += 1
     seconds = time.perf_counter() - start
     channel.close()
@@ -173,19 +208,20 @@ def _mib(n: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", choices=("tiny", "imagenet"), default="tiny")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--per-client", type=int, default=1000)
     parser.add_argument("--soak", type=int, default=20_000)
     parser.add_argument("--stream", type=int, default=10_000)
     args = parser.parse_args()
-    results = {}
-    with running_stack() as stack:
-        clients(stack, 2, 20)  # TorchServe's first calls are slow: not part of any figure
-        results["load"] = clients(stack, args.clients, args.per_client)
+    results = {"model": args.model}
+    with running_stack(trainer=args.model == "tiny") as stack:
+        work = prepare(stack, args.model)
+        results["load"] = clients(stack, work, args.clients, args.per_client)
         print(json.dumps({"load": results["load"]}), flush=True)
-        results["soak"] = soak(stack, args.soak)
+        results["soak"] = soak(stack, work, args.soak)
         print(json.dumps({"soak": results["soak"]}), flush=True)
-        results["stream"] = stream(stack, args.stream)
+        results["stream"] = stream(stack, work, args.stream)
         print(json.dumps({"stream": results["stream"]}), flush=True)
     print(json.dumps(results, indent=1))
 
