@@ -279,7 +279,7 @@ def _reason(exc: BaseException) -> str:
     return str(reason).rsplit(">: ", 1)[-1][:200]
 
 
-ETAG_CACHE_SIZE = 100_000  # ~20 MB of entries at most
+ETAG_CACHE_SIZE = 100_000  # entries: a few tens of MB at most
 ETAG_XATTR = "user.refit.md5"
 
 
