@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import secrets
 import statistics
 import tempfile
 import time
@@ -18,17 +19,21 @@ import grpc
 from PIL import Image
 from skimage import data
 
+from refit.client import ClientSettings, connect
 from refit.netutil import free_port, wait_serving
 from refit.registry import Registry
 from refit.storage import StorageSettings
 from refit.torchserve_api import inference_pb2, inference_pb2_grpc
 from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.v1 import refit_pb2, refit_pb2_grpc
+from service.auth import AuthSettings
 from service.catalog import ModelCatalog
 from service.config import ServiceSettings
 from service.predictions import Predictor
 from service.server import build_server
 from trainer.base_model import publish_base_model
+
+TOKEN = secrets.token_urlsafe(32)  # the full gRPC path is measured with auth on
 
 
 def p50_ms(call: Callable[[], object], calls: int) -> float:
@@ -62,6 +67,7 @@ def main() -> None:
             torchserve_inference=f"127.0.0.1:{ports.grpc_inference}",
             torchserve_management=f"127.0.0.1:{ports.grpc_management}",
             storage=storage,
+            auth=AuthSettings(admin_tokens=(TOKEN,)),
         )
         service = build_server(settings)
         service.start(settings.reconcile_interval_s)
@@ -76,7 +82,8 @@ def main() -> None:
             catalog = ModelCatalog(Registry(storage.open(), "refit"))
             catalog.refresh()
             predictor = Predictor(settings, catalog, service.torchserve)
-            stub = refit_pb2_grpc.RefitStub(grpc.insecure_channel(f"127.0.0.1:{service.port}"))
+            channel = connect(ClientSettings(f"127.0.0.1:{service.port}", token=TOKEN))
+            stub = refit_pb2_grpc.RefitStub(channel)
             request = refit_pb2.PredictRequest(image=image, model="imagenet", version="1")
             steps = {
                 "raw TorchServe stub": lambda: raw.Predictions(raw_request, timeout=30),

@@ -11,6 +11,7 @@ import argparse
 import http.client
 import io
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import grpc
 from PIL import Image
 from skimage import data
 
+from refit.client import ClientSettings, connect
 from refit.netutil import free_port, wait_serving
 from refit.storage import StorageSettings
 from refit.torchserve_api import inference_pb2, inference_pb2_grpc
@@ -32,6 +34,7 @@ from refit.v1 import refit_pb2, refit_pb2_grpc
 from trainer.base_model import publish_base_model
 
 Call = Callable[[bytes], None]
+TOKEN = secrets.token_urlsafe(32)  # the service is measured with auth on
 
 
 def jpeg(array: object) -> bytes:
@@ -42,7 +45,7 @@ def jpeg(array: object) -> bytes:
 
 def via_refit(address: str) -> Callable[[], Call]:
     def make() -> Call:
-        stub = refit_pb2_grpc.RefitStub(grpc.insecure_channel(address))
+        stub = refit_pb2_grpc.RefitStub(connect(ClientSettings(address, token=TOKEN)))
         return lambda image: stub.Predict(
             refit_pb2.PredictRequest(image=image, model="imagenet", version="1", top_k=5),
             timeout=60,
@@ -155,6 +158,7 @@ def main() -> None:
             "REFIT_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
             "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ports.grpc_inference}",
             "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ports.grpc_management}",
+            "REFIT_ADMIN_TOKEN": TOKEN,
         }
         service = subprocess.Popen([sys.executable, "-m", "service.server"], env=env)
         try:

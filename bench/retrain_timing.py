@@ -13,24 +13,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import grpc
-
+from refit.client import ClientSettings, connect
 from refit.demo import dataset, upload
 from refit.netutil import free_port, wait_serving
 from refit.storage import StorageSettings
 from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
+from service.auth import AuthSettings
 from service.config import ServiceSettings
 from service.server import build_server
 
 PHASES = ("queue", "data", "train", "export", "publish")
+
+TOKEN = secrets.token_urlsafe(32)
 
 
 def start_trainer(home: Path, ts: TorchServePorts, port: int) -> subprocess.Popen:
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             grpc_address="127.0.0.1:0", torchserve_inference=f"127.0.0.1:{ports.grpc_inference}",
             torchserve_management=f"127.0.0.1:{ports.grpc_management}",
             trainer_address=f"127.0.0.1:{trainer_port}", storage=storage,
+            auth=AuthSettings(admin_tokens=(TOKEN,)),
         ))  # fmt: skip
         service.start(reconcile_interval_s=30)
         name, train, test = dataset(args.images // 10, 1)
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             name, train, test = dataset(args.images // 4, 1)
         uri = upload(storage.open(), "datasets", "bench", train[: args.images])
         hp = pb.Hyperparameters(epochs=args.epochs, batch_size=32, crop_size=args.crop_size)
-        with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        with connect(ClientSettings(f"127.0.0.1:{service.port}", token=TOKEN)) as channel:
             stub = refit_pb2_grpc.RefitStub(channel)
             runs = {
                 "first version (no baseline)": timed_retrain(stub, "bench", uri, hp, test[0].png),

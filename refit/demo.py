@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from refit.cli.jobs import progress_line, summary
+from refit.client import ClientSettings, connect
 from refit.netutil import wait_serving
 from refit.storage import ObjectStore, StorageSettings
 from refit.v1 import refit_pb2 as pb
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = upload(store, "datasets", f"demo-{int(time.time())}", train)
     print(f"1. uploaded {len(train)} {name} images to {uri}")
 
-    stub = refit_pb2_grpc.RefitStub(grpc.insecure_channel(args.address))
+    stub = refit_pb2_grpc.RefitStub(connect(ClientSettings.from_env(args.address)))
     hp = pb.Hyperparameters(epochs=args.epochs, batch_size=32, crop_size=args.crop_size)
     request = pb.RetrainRequest(model=args.model, dataset_uri=uri, hyperparameters=hp,
                                 created_by=os.environ.get("USER", "demo"))  # fmt: skip

@@ -57,9 +57,15 @@ def add_health_and_reflection(server: grpc.Server, service_name: str) -> health.
     return servicer
 
 
-def bind(server: grpc.Server, address: str) -> int:
-    """Binds ``address`` (port 0: any free port) and returns the port."""
-    port = server.add_insecure_port(address)
+def bind(
+    server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Binds ``address`` (port 0: any free port), with TLS when given ``credentials``; returns
+    the port."""
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC address {address}")
     return port

@@ -10,14 +10,12 @@ The object store is the source of truth; TorchServe is reconciled from it.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from refit.errors import InvalidArgument, NotFound, RefitError
+from refit.errors import NotFound, RefitError
+from refit.identifiers import check_model_name, check_version
 from refit.storage import ObjectStore
-
-MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class RegistryError(RefitError):
@@ -25,10 +23,6 @@ class RegistryError(RefitError):
 
 
 class ModelNotFound(RegistryError, NotFound):
-    pass
-
-
-class InvalidModelName(RegistryError, InvalidArgument):
     pass
 
 
@@ -50,14 +44,6 @@ class VersionRecord:
         return cls(**json.loads(data))
 
 
-def check_model_name(name: str) -> str:
-    if not MODEL_NAME.match(name):
-        raise InvalidModelName(
-            f"invalid model name {name!r}: use 1-63 lowercase letters, digits, '-' or '_'"
-        )
-    return name
-
-
 class Registry:
     def __init__(self, store: ObjectStore, bucket: str) -> None:
         self.store = store
@@ -77,7 +63,7 @@ class Registry:
         return sorted(records, key=lambda r: _version_order(r.version))
 
     def get(self, model: str, version: str) -> VersionRecord:
-        key = f"registry/{check_model_name(model)}/versions/{version}.json"
+        key = _version_key(model, version)
         if self.store.stat(self.bucket, key) is None:
             raise ModelNotFound(f"model {model!r} has no version {version!r}")
         return VersionRecord.from_json(self.store.get(self.bucket, key))
@@ -89,8 +75,7 @@ class Registry:
         return json.loads(self.store.get(self.bucket, self._default_key(model)))["version"]
 
     def add(self, record: VersionRecord) -> None:
-        key = f"registry/{check_model_name(record.model)}/versions/{record.version}.json"
-        self.store.put(self.bucket, key, record.to_json())
+        self.store.put(self.bucket, _version_key(record.model, record.version), record.to_json())
 
     def set_default(self, model: str, version: str) -> None:
         self.get(model, version)  # must exist
@@ -107,6 +92,10 @@ class Registry:
 
     def _default_key(self, model: str) -> str:
         return f"registry/{check_model_name(model)}/default.json"
+
+
+def _version_key(model: str, version: str) -> str:
+    return f"registry/{check_model_name(model)}/versions/{check_version(version)}.json"
 
 
 def _version_order(version: str) -> tuple[int, str]:

@@ -34,8 +34,10 @@ import grpc
 import yaml
 from supervisor.xmlrpc import SupervisorTransport
 
+from refit.client import ClientSettings, connect
 from refit.netutil import wait_serving
 from refit.storage import StorageSettings
+from refit.tokens import client_token, create_tokens_file, tokens_file
 from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,6 +122,7 @@ class StackSettings:
             "REFIT_TRAINER_ADDRESS": self.trainer_address,
             "REFIT_TRAINER_GRPC_ADDRESS": self.trainer_address,
             "REFIT_TRAINER_METRICS_ADDRESS": self.trainer_metrics_address,
+            "REFIT_TOKENS_FILE": str(tokens_file(self.data_dir)),  # API tokens (refit.tokens)
         }
 
 
@@ -294,6 +297,8 @@ class Stack:
         (self.settings.data_dir / "run" / "trainer-metrics").mkdir(parents=True, exist_ok=True)
         if self.prometheus_binary:
             render_prometheus_config(self.settings, self.settings.data_dir / "prometheus.yml")
+        if create_tokens_file(tokens_file(self.settings.data_dir)):
+            _step("API tokens", f"{tokens_file(self.settings.data_dir)} (mode 0600)")
         self.supervisor.start(self.programs(), env)
         _step("supervisor", f"{self.supervisor.socket} (restarts crashed components)")
         self._wait_torchserve(timeout_s)
@@ -346,7 +351,9 @@ class Stack:
     def _model_report(self) -> str:
         """Versions TorchServe refused and models that cannot be served, if any."""
         try:
-            with grpc.insecure_channel(self.settings.grpc_address) as channel:
+            tokens = {"REFIT_TOKENS_FILE": str(tokens_file(self.settings.data_dir))}
+            client = ClientSettings(self.settings.grpc_address, token=client_token(tokens))
+            with connect(client) as channel:
                 from refit.v1 import refit_pb2 as pb
                 from refit.v1 import refit_pb2_grpc
 

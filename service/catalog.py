@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from refit.errors import NotFound, RefitError, Unavailable
-from refit.registry import ModelNotFound, Registry, VersionRecord, check_model_name
+from refit.identifiers import check_model_name
+from refit.registry import ModelNotFound, Registry, VersionRecord
 from refit.storage import ObjectStore
 from refit.torchserve import ServedVersion, TorchServeClient
 from service import metrics
@@ -48,6 +49,7 @@ class ModelCatalog:
         self._entries: dict[str, ModelEntry] = {}
         self.errors: dict[str, str] = {}  # model -> why its records could not be read
         self._lock = threading.Lock()
+        self._miss_lock = threading.Lock()
         self._last_refresh = 0.0
 
     def refresh(self) -> None:
@@ -70,6 +72,13 @@ class ModelCatalog:
             {e.name: e.default_version for e in entries.values() if e.default_version},
         )
 
+    def _refresh_after_miss(self) -> None:
+        """Names not in the cache re-read the registry at most once per interval, whatever the
+        request rate; callers that arrive during a read wait for it instead of starting more."""
+        with self._miss_lock:
+            if time.monotonic() - self._last_refresh > MISS_REFRESH_INTERVAL_S:
+                self.refresh()
+
     def models(self) -> list[ModelEntry]:
         with self._lock:
             return sorted(self._entries.values(), key=lambda e: e.name)
@@ -77,8 +86,8 @@ class ModelCatalog:
     def get(self, name: str) -> ModelEntry:
         check_model_name(name)
         entry = self._entries.get(name)
-        if entry is None and time.monotonic() - self._last_refresh > MISS_REFRESH_INTERVAL_S:
-            self.refresh()  # published since the last refresh?
+        if entry is None:
+            self._refresh_after_miss()  # published since the last refresh?
             entry = self._entries.get(name)
         if entry is None:
             raise ModelNotFound(f"no model named {name!r}; `refit models` lists them")
@@ -90,7 +99,7 @@ class ModelCatalog:
             try:
                 return entry.version(version)
             except NotFound:
-                self.refresh()
+                self._refresh_after_miss()
                 return self.get(name).version(version)
         if entry.default_version is None:
             raise NotFound(f"model {name!r} has no default version; name a version explicitly")

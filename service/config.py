@@ -4,10 +4,53 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
 
 from refit.storage import StorageSettings
+from service.auth import AuthSettings
 
 MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS on the public port: a server certificate, and client certificates when a client CA
+    is given (then required). Unset: plaintext, for loopback and private networks only."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("TLS needs both REFIT_TLS_CERT_FILE and REFIT_TLS_KEY_FILE")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("REFIT_TLS_CLIENT_CA_FILE needs REFIT_TLS_CERT_FILE and _KEY_FILE")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> TlsSettings:
+        def path(name: str) -> Path | None:
+            return Path(env[name]) if env.get(name) else None
+
+        return cls(
+            path("REFIT_TLS_CERT_FILE"),
+            path("REFIT_TLS_KEY_FILE"),
+            path("REFIT_TLS_CLIENT_CA_FILE"),
+        )
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        client_ca = self.client_ca_file.read_bytes() if self.client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(self.key_file.read_bytes(), self.cert_file.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
 
 
 @dataclass(frozen=True)
@@ -25,15 +68,28 @@ class ServiceSettings:
     reconcile_retry_s: float = 2.0  # first wait before retrying a version TorchServe refused
     reconcile_retry_max_s: float = 300.0  # the backoff doubles up to this
     stream_window: int = 8  # PredictStream images in flight at once per call
-    workers: int = 32  # gRPC server threads
+    workers: int = 32  # gRPC threads, and the most RPCs in progress at once
+    # Streaming calls at once (from_env: half the workers): unary calls and health checks always
+    # keep the other threads.
+    max_streams: int = 16
     trainer_address: str = "127.0.0.1:50052"  # the trainer's internal API
     trainer_timeout_s: float = 10.0  # per unary call to the trainer
     storage: StorageSettings = field(default_factory=StorageSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_streams < self.workers:
+            raise ValueError(
+                f"REFIT_MAX_STREAMS ({self.max_streams}) must be between 1 and "
+                f"REFIT_GRPC_WORKERS - 1 ({self.workers - 1}): unary calls need threads too"
+            )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ServiceSettings:
         env = dict(os.environ if env is None else env)
         defaults = cls()
+        workers = int(env.get("REFIT_GRPC_WORKERS", defaults.workers))
         return cls(
             grpc_address=env.get("REFIT_GRPC_ADDRESS", defaults.grpc_address),
             metrics_address=env.get("REFIT_METRICS_ADDRESS", defaults.metrics_address),
@@ -60,8 +116,11 @@ class ServiceSettings:
                 env.get("REFIT_RECONCILE_RETRY_MAX_S", defaults.reconcile_retry_max_s)
             ),
             stream_window=int(env.get("REFIT_STREAM_WINDOW", defaults.stream_window)),
-            workers=int(env.get("REFIT_GRPC_WORKERS", defaults.workers)),
+            workers=workers,
+            max_streams=int(env.get("REFIT_MAX_STREAMS", 0)) or workers // 2,
             trainer_address=env.get("REFIT_TRAINER_ADDRESS", defaults.trainer_address),
             trainer_timeout_s=float(env.get("REFIT_TRAINER_TIMEOUT_S", defaults.trainer_timeout_s)),
             storage=StorageSettings.from_env(env),
+            auth=AuthSettings.from_env(env),
+            tls=TlsSettings.from_env(env),
         )

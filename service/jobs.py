@@ -12,8 +12,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 from refit.errors import InvalidArgument, RefitError
+from refit.identifiers import check_job_id, check_model_name, check_version
 from refit.publish import Publisher
-from refit.registry import check_model_name
 from refit.storage import S3Uri
 from refit.v1 import refit_pb2 as pb
 from service.catalog import ModelCatalog, ModelEntry
@@ -29,15 +29,21 @@ class Jobs:
         self.publisher = publisher
 
     def retrain(self, request: pb.RetrainRequest) -> pb.Job:
+        """Identifiers are checked here; the trainer checks the rest (backbone, dataset bucket,
+        hyperparameter ranges) before it queues the job."""
         check_model_name(request.model)
         try:
             S3Uri.parse(request.dataset_uri)
         except ValueError as exc:
             raise InvalidArgument(f"dataset_uri: {exc}") from exc
+        if request.base_version:
+            check_version(request.base_version, "base_version")
+        if request.backbone:
+            check_version(request.backbone, "backbone")  # names, not paths: same rule
         return self.trainer.submit(request)
 
     def get(self, job_id: str) -> pb.Job:
-        return self._seen(self.trainer.get_job(_job_id(job_id)))
+        return self._seen(self.trainer.get_job(check_job_id(job_id)))
 
     def list(self, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
         if request.model:
@@ -45,23 +51,23 @@ class Jobs:
         return self.trainer.list_jobs(request)
 
     def cancel(self, job_id: str) -> pb.Job:
-        return self.trainer.cancel_job(_job_id(job_id))
+        return self.trainer.cancel_job(check_job_id(job_id))
 
     def watch(self, job_id: str, on_close: Callable[[Callable], object]) -> Iterator[pb.JobEvent]:
         """The trainer's event stream; ``on_close`` registers the cancel of the upstream call."""
-        call = self.trainer.watch_job(_job_id(job_id))
+        call = self.trainer.watch_job(check_job_id(job_id))
         on_close(call.cancel)
         for event in self.trainer.events(call):
             self._seen(event.job)
             yield event
 
     def set_default(self, model: str, version: str) -> ModelEntry:
-        self.publisher.promote(check_model_name(model), _version(version))
+        self.publisher.promote(check_model_name(model), check_version(version))
         self.catalog.refresh()
         return self.catalog.get(model)
 
     def delete_version(self, model: str, version: str) -> ModelEntry:
-        self.publisher.delete_version(check_model_name(model), _version(version))
+        self.publisher.delete_version(check_model_name(model), check_version(version))
         self.catalog.refresh()
         return self.catalog.get(model)
 
@@ -96,15 +102,3 @@ class JobMonitor:
     def stop(self) -> None:
         if self._call is not None:
             self._call.cancel()
-
-
-def _job_id(job_id: str) -> str:
-    if not job_id:
-        raise InvalidArgument("job id is required")
-    return job_id
-
-
-def _version(version: str) -> str:
-    if not version:
-        raise InvalidArgument("version is required")
-    return version

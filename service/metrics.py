@@ -40,6 +40,11 @@ PREDICTIONS = Counter(
 PAYLOAD_BYTES = Histogram(
     "refit_request_payload_bytes", "Image bytes per request", ["method"], buckets=SIZE_BUCKETS
 )
+AUTH_FAILURES = Counter(
+    "refit_auth_failures_total",
+    "Calls refused by authentication, by method and reason (missing, invalid, forbidden)",
+    ["method", "reason"],
+)
 MODEL_VERSIONS = Gauge("refit_model_versions", "Published versions per model", ["model"])
 MODEL_DEFAULT = Gauge(
     "refit_model_default_version_info", "1 for each model's default version", ["model", "version"]

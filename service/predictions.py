@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from refit.errors import InvalidArgument
-from refit.registry import check_model_name
+from refit.identifiers import check_model_name, check_version
 from refit.torchserve import TorchServeClient
 from service.catalog import ModelCatalog
 from service.config import ServiceSettings
@@ -55,6 +55,8 @@ class Predictor:
         if not model:
             raise InvalidArgument("model is required, e.g. 'imagenet'; `refit models` lists them")
         check_model_name(model)
+        if version:
+            check_version(version)
         inspect_image(
             image,
             max_bytes=self.settings.max_image_bytes,
@@ -78,24 +80,33 @@ def ordered_map(
     """Applies ``fn`` to up to ``window`` items at once; yields results in input order.
 
     A reader thread pulls items, so a client that waits for each answer before sending the next
-    item is served as promptly as one that sends everything up front.
+    item is served as promptly as one that sends everything up front. When the consumer stops
+    (the client cancelled, the generator is closed), the reader stops too: it may be waiting
+    for a slot that no result will ever free.
     """
     slots = threading.Semaphore(window)
+    stopped = threading.Event()
     futures: queue.Queue[Future | BaseException | None] = queue.Queue()
 
     def read() -> None:
         try:
             for item in items:
                 slots.acquire()
+                if stopped.is_set():
+                    return
                 futures.put(pool.submit(fn, item))
         except BaseException as exc:
             futures.put(exc)
         futures.put(None)
 
     threading.Thread(target=read, daemon=True, name="ordered-map-reader").start()
-    while (future := futures.get()) is not None:
-        if isinstance(future, BaseException):
-            raise future
-        result = future.result()
-        slots.release()
-        yield result
+    try:
+        while (future := futures.get()) is not None:
+            if isinstance(future, BaseException):
+                raise future
+            result = future.result()
+            slots.release()
+            yield result
+    finally:
+        stopped.set()
+        slots.release(window)  # wakes a reader waiting for a slot: it sees `stopped`

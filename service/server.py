@@ -19,9 +19,11 @@ from refit.registry import Registry
 from refit.torchserve import TorchServeClient
 from refit.v1 import refit_pb2, refit_pb2_grpc
 from service.access_log import AccessLogInterceptor
+from service.auth import Authenticator, AuthInterceptor
 from service.catalog import ModelCatalog, Reconciler, RetryPolicy
 from service.config import ServiceSettings
 from service.jobs import JobMonitor, Jobs
+from service.limits import StreamLimitInterceptor
 from service.metrics import MetricsInterceptor, observe_upstream
 from service.predictions import Predictor
 from service.servicer import RefitServicer
@@ -102,8 +104,9 @@ def build_server(settings: ServiceSettings) -> RefitServer:
     predictor = Predictor(settings, catalog, torchserve)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="grpc"),
-        interceptors=[AccessLogInterceptor(), MetricsInterceptor(), ErrorInterceptor()],
+        interceptors=_interceptors(settings),
         options=[("grpc.max_receive_message_length", settings.max_image_bytes + MESSAGE_OVERHEAD)],
+        maximum_concurrent_rpcs=settings.workers,  # one more: RESOURCE_EXHAUSTED, not a queue
     )
     trainer = TrainerClient(settings.trainer_address, timeout_s=settings.trainer_timeout_s)
     jobs = Jobs(trainer, catalog, Publisher(store, settings.bucket, torchserve))
@@ -111,7 +114,8 @@ def build_server(settings: ServiceSettings) -> RefitServer:
         RefitServicer(predictor, catalog, settings.stream_window, jobs, reconciler), server
     )
     health_servicer = add_health_and_reflection(server, SERVICE_NAME)
-    port = bind(server, settings.grpc_address)
+    credentials = settings.tls.server_credentials() if settings.tls.enabled else None
+    port = bind(server, settings.grpc_address, credentials)
     return RefitServer(
         server,
         port,
@@ -124,6 +128,22 @@ def build_server(settings: ServiceSettings) -> RefitServer:
     )
 
 
+def _interceptors(settings: ServiceSettings) -> list[grpc.ServerInterceptor]:
+    """Outermost first: every call is logged and counted, auth failures included."""
+    auth = []
+    if settings.auth.enabled:
+        auth = [AuthInterceptor(Authenticator(settings.auth.checked()))]
+    else:
+        log.warning("REFIT_INSECURE_NO_AUTH is set: every RPC is open to anyone who connects")
+    return [
+        AccessLogInterceptor(),
+        MetricsInterceptor(),
+        *auth,
+        StreamLimitInterceptor(settings.max_streams),
+        ErrorInterceptor(),
+    ]
+
+
 def main() -> None:
     logs.configure("service")
     settings = ServiceSettings.from_env()
@@ -131,7 +151,12 @@ def main() -> None:
     start_http_server(int(port), addr=host)
     refit = build_server(settings)
     refit.start(settings.reconcile_interval_s)
-    log.info("refit service on %s (metrics on %s)", settings.grpc_address, settings.metrics_address)
+    log.info(
+        "refit service on %s (%s; metrics on %s)",
+        settings.grpc_address,
+        "TLS" if settings.tls.enabled else "plaintext",
+        settings.metrics_address,
+    )
     wait_for_signal()
     refit.stop()
 

@@ -33,6 +33,7 @@ from trainer.jobs.runner import TrainingRunner
 from trainer.jobs.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
+GRPC_WORKERS = 32  # the service is its only client: its watches and its job monitor
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
 
 
@@ -135,8 +136,9 @@ def build_server(settings: TrainerSettings, runner: JobRunner | None = None) -> 
         retry_backoff_s=settings.retry_backoff_s,
     )
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=32, thread_name_prefix="trainer-grpc"),
+        ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="trainer-grpc"),
         interceptors=[ErrorInterceptor()],
+        maximum_concurrent_rpcs=GRPC_WORKERS,  # every call has a thread; one more is refused
     )
     trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(jobs), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAME)

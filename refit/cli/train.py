@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from refit.identifiers import InvalidIdentifier
 from refit.registry import RegistryError
 from refit.storage import StorageError, StorageSettings
 
@@ -41,7 +42,8 @@ def run_train(args: argparse.Namespace) -> int:
         store = StorageSettings.from_env().open()
         with TqdmProgress(disable=args.quiet) as progress:
             result = train_and_package(config, store, on_event=progress)
-    except (BackboneError, DatasetError, StorageError, RegistryError, TrainingCancelled) as exc:
+    except (BackboneError, DatasetError, StorageError, RegistryError, InvalidIdentifier,
+            TrainingCancelled) as exc:  # fmt: skip
         print(f"refit train: {exc.message}", file=sys.stderr)
         return 1
     except ValueError as exc:

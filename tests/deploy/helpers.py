@@ -62,6 +62,7 @@ SERVICE_METRICS = {
     "refit_registration_failures_total",
     "refit_model_versions_not_served",
     "refit_model_problem",
+    "refit_auth_failures_total",
 }
 TRAINER_METRICS = {
     "refit_trainer_jobs_total",

@@ -7,8 +7,9 @@ import pytest
 
 from refit import errors
 from refit.errors import ErrorInterceptor, to_status
-from refit.registry import InvalidModelName, ModelNotFound
-from refit.storage import NoSuchBucket
+from refit.identifiers import InvalidModelName
+from refit.registry import ModelNotFound
+from refit.storage import InvalidKey, NoSuchBucket, NoSuchObject, StoreFull, StoreUnreachable
 
 
 @pytest.mark.parametrize(
@@ -23,7 +24,11 @@ from refit.storage import NoSuchBucket
         (errors.FailedPrecondition("m"), grpc.StatusCode.FAILED_PRECONDITION),
         (ModelNotFound("m"), grpc.StatusCode.NOT_FOUND),
         (InvalidModelName("m"), grpc.StatusCode.INVALID_ARGUMENT),
-        (NoSuchBucket("m"), grpc.StatusCode.UNAVAILABLE),
+        (NoSuchBucket("m"), grpc.StatusCode.NOT_FOUND),
+        (NoSuchObject("m"), grpc.StatusCode.NOT_FOUND),
+        (InvalidKey("m"), grpc.StatusCode.INVALID_ARGUMENT),
+        (StoreFull("m"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (StoreUnreachable("m"), grpc.StatusCode.UNAVAILABLE),
     ],
 )
 def test_known_errors_keep_their_message(exc: Exception, code: grpc.StatusCode) -> None:

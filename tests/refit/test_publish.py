@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from refit.identifiers import InvalidModelName
 from refit.publish import Baseline, decide, version_key
-from refit.registry import InvalidModelName
 
 
 def test_first_version_is_promoted() -> None:

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from refit.registry import InvalidModelName, ModelNotFound, Registry, VersionRecord
+from refit.identifiers import InvalidModelName
+from refit.registry import ModelNotFound, Registry, VersionRecord
 from refit.storage import FileStore
 
 

@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from refit.cli import main as refit_cli
+from refit.client import ClientSettings, connect
 from refit.netutil import wait_serving
 from refit.registry import Registry, VersionRecord
 from refit.stack import Stack, StackSettings
@@ -53,11 +54,20 @@ def stack(settings: StackSettings) -> Iterator[Stack]:
     if shutil.which("prometheus") is None:
         pytest.fail("prometheus is not installed; `make test` installs it (apt-get)")
     stack = Stack(settings)
-    try:
-        stack.up()
-        yield stack
-    finally:
-        stack.down()
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("TOKEN", "TOKENS_FILE", "ADMIN_TOKEN", "PREDICT_TOKEN"):
+            env.delenv(f"REFIT_{name}", raising=False)
+        env.setenv("REFIT_DATA_DIR", str(settings.data_dir))  # as `make up` exports it
+        try:
+            stack.up()
+            yield stack
+        finally:
+            stack.down()
+
+
+def api_channel(settings: StackSettings) -> grpc.Channel:
+    """As the CLI connects: with the admin token `make up` created."""
+    return connect(ClientSettings.from_env(settings.grpc_address))
 
 
 def prometheus_query(settings: StackSettings, query: str) -> list[dict]:
@@ -84,6 +94,7 @@ def test_up_predict_retrain_observe(
     restarts the service, and watching again follows the job to its end."""
     archives = sorted((settings.data_dir / "objects" / "refit" / "archives").rglob("*.mar"))
     assert len(archives) == 1
+    check_tokens(settings)
     image = tmp_path / "coffee.jpg"
     image.write_bytes(coffee_jpeg)
     capsys.readouterr()
@@ -93,7 +104,7 @@ def test_up_predict_retrain_observe(
 
     dataset = upload_colours(settings.storage.open(), "datasets", "colours", train=12, val=4,
                              size=32)  # fmt: skip
-    with grpc.insecure_channel(settings.grpc_address) as channel:
+    with api_channel(settings) as channel:
         api = refit_pb2_grpc.RefitStub(channel)
         hyper = pb.Hyperparameters(epochs=2, batch_size=16, crop_size=32)
         request = pb.RetrainRequest(model="colours", dataset_uri=dataset, hyperparameters=hyper)
@@ -125,7 +136,7 @@ def test_torchserve_killed_under_load_recovers_by_itself(
     stop, answers = threading.Event(), []
 
     def client() -> None:
-        with grpc.insecure_channel(settings.grpc_address) as channel:
+        with api_channel(settings) as channel:
             api = refit_pb2_grpc.RefitStub(channel)
             request = pb.PredictRequest(image=coffee_jpeg, model="imagenet", top_k=1)
             while not stop.is_set():
@@ -219,6 +230,16 @@ def test_ports_come_from_the_environment() -> None:
     assert settings.torchserve == TorchServePorts(18080, 18081, 18082, 17070, 17071)
     assert settings.grpc_address == "127.0.0.1:15051"
     assert settings.scrape_targets()["torchserve"] == "127.0.0.1:18082"
+
+
+def check_tokens(settings: StackSettings) -> None:
+    """`make up` created private tokens; the service demands them; the CLI found them."""
+    path = settings.data_dir / "tokens.env"
+    assert path.stat().st_mode & 0o777 == 0o600
+    anonymous = grpc.insecure_channel(settings.grpc_address)
+    with anonymous, pytest.raises(grpc.RpcError) as caught:
+        refit_pb2_grpc.RefitStub(anonymous).ListModels(pb.ListModelsRequest(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def check_prometheus(settings: StackSettings) -> None:

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import secrets
+import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from refit import netutil
-from refit.storage import S3Store
+from refit.client import ClientSettings
+from refit.client import connect as client_connect
+from refit.registry import Registry, VersionRecord
+from refit.storage import FileStore, S3Store, StorageSettings
 from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.v1 import refit_pb2_grpc
+from service.auth import AuthSettings
 from service.config import ServiceSettings
 from service.server import RefitServer, build_server
 from tests.conftest import MotoServer, free_port
 from tests.faults import S3FaultProxy
 from trainer.base_model import publish_base_model
+
+ADMIN_TOKEN = f"admin-{secrets.token_urlsafe(24)}"  # the tests' tokens: new every session
+PREDICT_TOKEN = f"predict-{secrets.token_urlsafe(24)}"
+TEST_AUTH = AuthSettings(admin_tokens=(ADMIN_TOKEN,), predict_tokens=(PREDICT_TOKEN,))
 
 
 @pytest.fixture(scope="session")
@@ -54,15 +65,55 @@ def torchserve(
 def service_settings(
     moto_server: MotoServer, bucket: str, ports: TorchServePorts, **overrides: object
 ) -> ServiceSettings:
-    return ServiceSettings(
-        grpc_address="127.0.0.1:0",
-        torchserve_inference=f"127.0.0.1:{ports.grpc_inference}",
-        torchserve_management=f"127.0.0.1:{ports.grpc_management}",
-        bucket=bucket,
-        reconcile_interval_s=2.0,
-        storage=moto_server.settings,
-        **overrides,
-    )
+    fields = {
+        "grpc_address": "127.0.0.1:0",
+        "torchserve_inference": f"127.0.0.1:{ports.grpc_inference}",
+        "torchserve_management": f"127.0.0.1:{ports.grpc_management}",
+        "bucket": bucket,
+        "reconcile_interval_s": 2.0,
+        "storage": moto_server.settings,
+        "auth": TEST_AUTH,
+    }
+    return ServiceSettings(**{**fields, **overrides})
+
+
+def offline_settings(data_dir: Path, **overrides: object) -> ServiceSettings:
+    """The service on the embedded store, with no TorchServe and no trainer behind it: for what
+    the front door decides on its own (identifiers, auth, TLS, limits)."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    fields = {
+        "grpc_address": "127.0.0.1:0",
+        "torchserve_inference": nowhere,
+        "torchserve_management": nowhere,
+        "trainer_address": nowhere,
+        "reconcile_interval_s": 3600.0,
+        "storage": StorageSettings(data_dir=data_dir),
+        "auth": TEST_AUTH,
+    }
+    return ServiceSettings(**{**fields, **overrides})
+
+
+def publish_records(data_dir: Path, versions: dict[str, list[str]]) -> FileStore:
+    """Version records (default: the first) in the embedded store under ``data_dir``; their
+    archives do not exist: for tests that never reach TorchServe."""
+    store = FileStore(data_dir / "objects")
+    store.ensure_bucket("refit")
+    registry = Registry(store, "refit")
+    for model, numbers in versions.items():
+        for version in numbers:
+            registry.add(VersionRecord(model, version, f"archives/{model}/x.mar", ["a", "b"]))
+        registry.set_default(model, numbers[0])
+    return store
+
+
+@pytest.fixture
+def silent_torchserve() -> Iterator[str]:
+    """Accepts connections and never answers: every Predict waits for its upstream timeout."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield f"127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
 
 
 def start_service(settings: ServiceSettings, wait_ready: bool = True) -> RefitServer:
@@ -86,9 +137,14 @@ def refit_service(
     refit.stop()
 
 
+def connect(port: int, token: str = ADMIN_TOKEN) -> grpc.Channel:
+    """A channel to the service on ``port`` that sends ``token`` (admin unless told)."""
+    return client_connect(ClientSettings(f"127.0.0.1:{port}", token=token))
+
+
 @pytest.fixture(scope="session")
 def channel(refit_service: RefitServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(f"127.0.0.1:{refit_service.port}") as channel:
+    with connect(refit_service.port) as channel:
         yield channel
 
 

@@ -25,7 +25,7 @@ from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
 from tests.conftest import MotoServer
-from tests.service.conftest import service_settings, start_service
+from tests.service.conftest import connect, service_settings, start_service
 
 pytestmark = pytest.mark.integration
 GARBAGE = b"this is not a model archive"
@@ -62,7 +62,7 @@ def service(
 
 @pytest.fixture(scope="module")
 def api(service: RefitServer) -> Iterator[refit_pb2_grpc.RefitStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+    with connect(service.port) as channel:
         yield refit_pb2_grpc.RefitStub(channel)
 
 

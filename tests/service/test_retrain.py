@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import grpc
 import numpy as np
@@ -34,7 +35,7 @@ from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
 from tests.conftest import MotoServer, free_port, wait_for_port
-from tests.service.conftest import service_settings, start_service
+from tests.service.conftest import ADMIN_TOKEN, connect, service_settings, start_service
 from tests.trainer.synthetic import CLASS_NAMES, colour_image, png_bytes, upload_colours
 from trainer.jobs.settings import TrainerSettings
 from trainer.server import TrainerServer, build_server
@@ -42,6 +43,7 @@ from trainer.server import TrainerServer, build_server
 SIZE = 48
 GOOD = pb.Hyperparameters(epochs=3, batch_size=16, lr=3e-3, crop_size=SIZE)
 POOR = pb.Hyperparameters(epochs=1, batch_size=16, lr=1e-9, crop_size=SIZE, seed=7)
+UNKNOWN_JOB = "job-20000101T000000-00000000"  # well formed, never issued
 RUN_STATES = ("LOADING_DATA", "TRAINING", "EXPORTING", "PUBLISHING", "SUCCEEDED")
 pytestmark = pytest.mark.integration
 
@@ -93,7 +95,7 @@ def retrain_service(
 
 @pytest.fixture(scope="module")
 def api(retrain_service: RefitServer) -> Iterator[refit_pb2_grpc.RefitStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{retrain_service.port}") as channel:
+    with connect(retrain_service.port) as channel:
         yield refit_pb2_grpc.RefitStub(channel)
 
 
@@ -213,8 +215,9 @@ def test_no_request_failed_during_the_promotion(second) -> None:
 
 
 def cli(service: RefitServer, *args: str) -> tuple[int, str]:
+    """The refit CLI as an operator runs it: the admin token in REFIT_TOKEN."""
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), mock.patch.dict(os.environ, {"REFIT_TOKEN": ADMIN_TOKEN}):
         code = refit_cli.main([*args, "--address", f"127.0.0.1:{service.port}"])
     return code, out.getvalue()
 
@@ -307,17 +310,25 @@ def test_list_jobs_filters_by_model_and_state(api, third) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fields", "code"),
+    ("fields", "fragment"),
     [
-        ({"model": "Bad Name", "dataset_uri": "s3://a/b"}, "INVALID_ARGUMENT"),
-        ({"model": "ok", "dataset_uri": "/not/s3"}, "INVALID_ARGUMENT"),
-        ({"model": "ok", "dataset_uri": "s3://a/b", "base_version": "7"}, "INVALID_ARGUMENT"),
+        ({"model": "Bad Name"}, "invalid model name"),
+        ({"dataset_uri": "/not/s3"}, "expected s3://BUCKET/PREFIX"),
+        ({"base_version": "7"}, "has no version '7'"),
+        ({"backbone": "resnet1000"}, "unknown backbone 'resnet1000'"),
+        ({"dataset_uri": "s3://no-such-bucket/x"}, "bucket 'no-such-bucket' does not exist"),
+        ({"hyperparameters": pb.Hyperparameters(epochs=100000)}, "between 1 and 200"),
+        ({"hyperparameters": pb.Hyperparameters(freeze=99)}, "freeze must be between -1 and 17"),
     ],
 )
-def test_bad_retrain_requests(api, fields: dict, code: str) -> None:
+def test_bad_retrain_requests_are_refused_at_submit(api, dataset: str, fields: dict,
+                                                    fragment: str) -> None:  # fmt: skip
+    request = pb.RetrainRequest(**{"model": "refused", "dataset_uri": dataset, **fields})
     with pytest.raises(grpc.RpcError) as caught:
-        api.Retrain(pb.RetrainRequest(**fields), timeout=30)
-    assert caught.value.code().name == code
+        api.Retrain(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in caught.value.details()
+    assert not api.ListJobs(pb.ListJobsRequest(model="refused"), timeout=10).jobs  # not queued
 
 
 def test_trainer_down_is_unavailable_with_a_hint(
@@ -329,14 +340,14 @@ def test_trainer_down_is_unavailable_with_a_hint(
     )
     refit = start_service(settings, wait_ready=False)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{refit.port}") as channel:
+        with connect(refit.port) as channel:
             stub = refit_pb2_grpc.RefitStub(channel)
             with pytest.raises(grpc.RpcError) as caught:
                 retrain(stub, "colours", "s3://data/colours")
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert f"trainer at {nowhere} is unreachable" in caught.value.details()
             with pytest.raises(grpc.RpcError) as caught:
-                list(stub.WatchJob(pb.WatchJobRequest(id="job-x"), timeout=10))
+                list(stub.WatchJob(pb.WatchJobRequest(id=UNKNOWN_JOB), timeout=10))
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         refit.stop()
@@ -344,7 +355,7 @@ def test_trainer_down_is_unavailable_with_a_hint(
 
 def test_unknown_job(api) -> None:
     with pytest.raises(grpc.RpcError) as caught:
-        api.GetJob(pb.GetJobRequest(id="job-nope"), timeout=10)
+        api.GetJob(pb.GetJobRequest(id=UNKNOWN_JOB), timeout=10)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from tests.conftest import encode
-from tests.service.conftest import service_settings, start_service
+from tests.service.conftest import connect, service_settings, start_service
 
 COFFEE_LABELS = {"espresso", "cup", "coffee mug"}
 
@@ -138,7 +138,7 @@ def test_upstream_deadline(moto_server, refit_bucket, torchserve, coffee_jpeg) -
     )
     refit = start_service(settings, wait_ready=False)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{refit.port}") as channel:
+        with connect(refit.port) as channel:
             stub = refit_pb2_grpc.RefitStub(channel)
             error = predict_error(stub, image=coffee_jpeg, model="imagenet")
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -154,7 +154,7 @@ def test_torchserve_unreachable(moto_server, refit_bucket, coffee_jpeg) -> None:
     dead = TorchServePorts(*(free_port() for _ in range(5)))
     refit = start_service(service_settings(moto_server, refit_bucket, dead), wait_ready=False)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{refit.port}") as channel:
+        with connect(refit.port) as channel:
             stub = refit_pb2_grpc.RefitStub(channel)
             error = predict_error(stub, image=coffee_jpeg, model="imagenet")
             assert error.code() == grpc.StatusCode.UNAVAILABLE

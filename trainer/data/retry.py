@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from refit.storage import NoSuchBucket, NoSuchObject
+from refit.storage import NoSuchBucket, NoSuchObject, StoreUnreachable
 from trainer.data.errors import ReadFailed
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ def is_transient(exc: BaseException) -> bool:
 
     if isinstance(exc, S3Error):
         return exc.code in TRANSIENT_S3_CODES
+    if isinstance(exc, StoreUnreachable):  # refit.storage's form of the errors below
+        return True
     if isinstance(exc, (ServerError, HTTPError, ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, InvalidResponseError):

@@ -19,6 +19,7 @@ from refit.publish import Publisher
 from refit.registry import Registry, RegistryError, VersionRecord, check_model_name
 from refit.storage import NoSuchBucket, NoSuchObject, ObjectStore, S3Uri, StorageError
 from trainer.config import TrainConfig
+from trainer.jobs.admission import check_dataset, check_hyperparameters, check_starting_point
 from trainer.jobs.manager import JobContext
 from trainer.jobs.records import (
     EXPORTING,
@@ -72,17 +73,14 @@ class TrainingRunner:
         self.publisher = publisher
 
     def validate(self, request: dict) -> None:
+        """Everything a job could fail on before training is refused here (admission.py)."""
+        check_hyperparameters(request.get("hyperparameters", {}))
         try:
             config = train_config(request, self.settings)
-        except RegistryError as exc:
-            raise InvalidArgument(exc.message) from exc
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(f"invalid retrain request: {exc}") from exc
-        if config.init_from is not None:
-            try:
-                Registry(self.store, self.settings.bucket).get(config.out, request["base_version"])
-            except RegistryError as exc:
-                raise InvalidArgument(f"base version: {exc.message}") from exc
+        check_dataset(self.store, config.dataset)
+        check_starting_point(self.store, config, request.get("base_version", ""))
 
     def run(self, job: JobRecord, context: JobContext) -> None:
         try:

@@ -108,13 +108,13 @@ def test_val_fraction_must_match_the_pack(s3_store: S3Store, uris: tuple[str, st
 
 
 def test_bad_records_in_shards_count_against_the_budget(file_store: FileStore) -> None:
-    upload_images(file_store, "b", image_objects({"a": 10, "b": 10}))
-    file_store.put("b", "ds/a/broken.png", b"garbage")
-    pack_dataset(file_store, S3Uri("b", "ds"), S3Uri("b", "p"), PackOptions(val_fraction=0.0))
-    ok = open_dataset("s3://b/p", store=file_store, transform=ident, val_fraction=0.0)
+    upload_images(file_store, "bkt", image_objects({"a": 10, "b": 10}))
+    file_store.put("bkt", "ds/a/broken.png", b"garbage")
+    pack_dataset(file_store, S3Uri("bkt", "ds"), S3Uri("bkt", "p"), PackOptions(val_fraction=0.0))
+    ok = open_dataset("s3://bkt/p", store=file_store, transform=ident, val_fraction=0.0)
     assert sorted(ids(ok)) == list(range(20))
     strict = open_dataset(
-        "s3://b/p", store=file_store, transform=ident, val_fraction=0.0, max_bad_fraction=0.0
+        "s3://bkt/p", store=file_store, transform=ident, val_fraction=0.0, max_bad_fraction=0.0
     )
     with pytest.raises(TooManyBadImages):
         list(strict)

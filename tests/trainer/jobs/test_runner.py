@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from refit.registry import InvalidModelName
+from refit.identifiers import InvalidModelName
 from trainer.engine import ProgressEvent
 from trainer.jobs.records import EXPORTING, TRAINING
 from trainer.jobs.runner import _ProgressSink, train_config
@@ -17,9 +17,9 @@ SETTINGS = TrainerSettings(bucket="b", loader_workers=3, device="cpu", weights_u
 
 def test_zero_values_mean_defaults_and_the_job_pins_run_id_and_version() -> None:
     config = train_config(
-        {"model": "m", "dataset_uri": "s3://d/p"}, SETTINGS, job_id="job-1", version="4"
+        {"model": "m", "dataset_uri": "s3://data/p"}, SETTINGS, job_id="job-1", version="4"
     )
-    assert (config.out, config.dataset, config.epochs, config.lr) == ("m", "s3://d/p", 8, 2e-3)
+    assert (config.out, config.dataset, config.epochs, config.lr) == ("m", "s3://data/p", 8, 2e-3)
     assert config.run_id == "job-1" and config.version == "4" and config.resume
     assert (config.bucket, config.workers, config.device) == ("b", 3, "cpu")
     assert config.freeze is None and config.init_from is None and config.log_every == 1
@@ -28,7 +28,7 @@ def test_zero_values_mean_defaults_and_the_job_pins_run_id_and_version() -> None
 def test_hyperparameters_and_base_version_are_passed_on() -> None:
     request = {
         "model": "m",
-        "dataset_uri": "s3://d/p",
+        "dataset_uri": "s3://data/p",
         "base_version": "2",
         "backbone": "resnet18",
         "hyperparameters": {"epochs": 3, "batch_size": 8, "lr": 0.01, "crop_size": 64,
@@ -43,9 +43,9 @@ def test_hyperparameters_and_base_version_are_passed_on() -> None:
 @pytest.mark.parametrize(
     ("request_", "error"),
     [
-        ({"model": "Bad!", "dataset_uri": "s3://d/p"}, InvalidModelName),
+        ({"model": "Bad!", "dataset_uri": "s3://data/p"}, InvalidModelName),
         ({"model": "m", "dataset_uri": "/local/dir"}, ValueError),
-        ({"model": "m", "dataset_uri": "s3://d/p", "hyperparameters": {"lr": -1}}, ValueError),
+        ({"model": "m", "dataset_uri": "s3://data/p", "hyperparameters": {"lr": -1}}, ValueError),
     ],
 )
 def test_invalid_requests(request_: dict, error: type[Exception]) -> None:

@@ -1,0 +1,128 @@
+"""Who may call what: bearer tokens with two roles, checked before any servicer code runs.
+
+- ``predict``: the read and predict RPCs below (PREDICT_RPCS); ``admin``: every RPC.
+- A missing or unknown token is UNAUTHENTICATED; a known token whose role does not cover the RPC
+  is PERMISSION_DENIED. Health and reflection stay open. A method not listed here needs admin.
+- Tokens are compared in constant time (``hmac.compare_digest`` on their SHA-256, so neither the
+  content nor the length leaks), every configured token every time. No token is ever logged;
+  failures are counted in ``refit_auth_failures_total{method,reason}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from refit.errors import wrap_handler
+from refit.tokens import ADMIN, PREDICT, TokenConfigError, role_tokens
+from service.metrics import AUTH_FAILURES
+
+REFIT_SERVICE = "/refit.v1.Refit/"
+OPEN_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+PREDICT_RPCS = frozenset(
+    {"Predict", "PredictStream", "ListModels", "GetModel", "GetJob", "ListJobs", "WatchJob"}
+)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Each role's accepted tokens. ``enabled=False`` only with REFIT_INSECURE_NO_AUTH."""
+
+    admin_tokens: tuple[str, ...] = field(default=(), repr=False)
+    predict_tokens: tuple[str, ...] = field(default=(), repr=False)
+    enabled: bool = True
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> AuthSettings:
+        if env.get("REFIT_INSECURE_NO_AUTH", "").lower() in ("1", "true", "yes"):
+            return cls(enabled=False)
+        roles = role_tokens(env)
+        return cls(tuple(roles[ADMIN]), tuple(roles[PREDICT])).checked()
+
+    def checked(self) -> AuthSettings:
+        """Security by default: no tokens and no explicit opt-out means no service."""
+        if self.enabled and not self.admin_tokens and not self.predict_tokens:
+            raise TokenConfigError(
+                "no API tokens: set REFIT_ADMIN_TOKEN and REFIT_PREDICT_TOKEN (or "
+                "REFIT_TOKENS_FILE); for local development only, REFIT_INSECURE_NO_AUTH=true "
+                "serves every RPC to anyone"
+            )
+        return self
+
+
+def may_call(role: str, rpc: str) -> bool:
+    return role == ADMIN or (role == PREDICT and rpc in PREDICT_RPCS)
+
+
+class Authenticator:
+    def __init__(self, settings: AuthSettings) -> None:
+        self._digests = [(_digest(t), ADMIN) for t in settings.admin_tokens]
+        self._digests += [(_digest(t), PREDICT) for t in settings.predict_tokens]
+
+    def role_of(self, token: str) -> str | None:
+        """The token's role, or None. Compares against every token, in constant time."""
+        digest, found = _digest(token), None
+        for known, role in self._digests:
+            if hmac.compare_digest(digest, known):
+                found = role
+        return found
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        if handler is None or method.startswith(OPEN_SERVICES):
+            return handler
+        rpc = method.rsplit("/", 1)[-1] if method.startswith(REFIT_SERVICE) else ""
+        denial = self._denial(rpc, dict(handler_call_details.invocation_metadata or ()))
+        if denial is None:
+            return handler
+        reason, code, message = denial
+        AUTH_FAILURES.labels(rpc or "other", reason).inc()
+
+        def deny(behavior: Callable) -> Callable:
+            def denied(request: Any, context: grpc.ServicerContext) -> Any:
+                context.abort(code, message)
+
+            return denied
+
+        return wrap_handler(handler, deny, deny)
+
+    def _denial(
+        self, rpc: str, metadata: dict[str, str]
+    ) -> tuple[str, grpc.StatusCode, str] | None:
+        scheme, _, token = metadata.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return (
+                "missing",
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing credentials: send the metadata 'authorization: Bearer <token>' "
+                "(the refit CLI sends REFIT_TOKEN)",
+            )
+        role = self.authenticator.role_of(token.strip())
+        if role is None:
+            return "invalid", grpc.StatusCode.UNAUTHENTICATED, "invalid token"
+        if not may_call(role, rpc):
+            return (
+                "forbidden",
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"a {role} token may not call {rpc or 'this method'}; it needs an admin token",
+            )
+        return None
