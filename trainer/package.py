@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from model_archiver.model_archiver_config import ModelArchiverConfig
-from model_archiver.model_packaging import generate_model_archive
 
 from trainer.serving import handler as handler_module
 
@@ -72,19 +73,24 @@ def build_archive(
         traced.save(str(work / "model.pt"))
         meta = {"class_names": class_names, **asdict(preprocessing), **metadata}
         (work / handler_module.META_FILE).write_text(json.dumps(meta, indent=1))
-        generate_model_archive(
-            ModelArchiverConfig(
-                model_name=model_name,
-                handler=str(HANDLER_FILE),
-                version=version,
-                serialized_file=str(work / "model.pt"),
-                extra_files=str(work / handler_module.META_FILE),
-                export_path=str(work),
-                force=True,
-            )
-        )
+        _archive(work, model_name, version)
         built = work / f"{model_name}.mar"
         digest = hashlib.sha256(built.read_bytes()).hexdigest()
         final = out_dir / f"{digest}.mar"
         built.replace(final)
     return Archive(final, digest)
+
+
+def _archive(work: Path, model_name: str, version: str) -> None:
+    """torch-model-archiver, as a child whose temp dir is ``work``: it stages files in
+    ``<temp dir>/<model name>/`` and deletes that first, so with the host's /tmp two packagings
+    of one model name (two trainers, a test beside a stack) destroyed each other's."""
+    command = [sys.executable, "-m", "model_archiver.model_packaging"]
+    command += ["--model-name", model_name, "--version", version, "--handler", str(HANDLER_FILE)]
+    command += ["--serialized-file", str(work / "model.pt"), "--export-path", str(work)]
+    command += ["--extra-files", str(work / handler_module.META_FILE), "--force"]
+    env = {**os.environ, "TMPDIR": str(work / "staging")}
+    (work / "staging").mkdir()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"torch-model-archiver failed: {done.stderr.strip()[-2000:]}")
