@@ -4,6 +4,8 @@ tests/service/test_server.py through TorchServe)."""
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import torch
 from PIL import Image
@@ -55,3 +57,29 @@ def test_a_bad_top_k_fails_only_its_row_and_shifts_no_other() -> None:
     assert blue["predictions"][0]["label"] == "blue"
     assert "cannot decode" in undecodable["error"]
     assert green["predictions"][0]["label"] == "green"
+
+
+def decompression_bomb() -> bytes:
+    """A PNG header announcing twice Pillow's pixel limit: Image.open raises
+    DecompressionBombError, which is neither OSError nor ValueError. The service refuses it first
+    unless REFIT_MAX_IMAGE_PIXELS is raised above Pillow's limit; a direct caller is not checked."""
+    limit = 2 * Image.MAX_IMAGE_PIXELS + 1
+    width = 20_000
+    header = struct.pack(">IIBBBBB", width, limit // width + 1, 1, 0, 0, 0, 0)
+    body = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + body + struct.pack(">I", zlib.crc32(body))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def test_any_failure_to_decode_one_image_fails_that_row_alone() -> None:
+    """TorchServe answers a batch whose handler raises with one error for every request in it:
+    a row's decode error must stay in its row, whatever its type."""
+    rows = [
+        {"data": image("red"), "top_k": b"1"},
+        {"data": decompression_bomb(), "top_k": b"1"},
+        {"data": image("blue"), "top_k": b"1"},
+    ]
+    red, bomb, blue = answers(rows)
+    assert "cannot decode" in bomb["error"] and "decompression bomb" in bomb["error"]
+    assert red["predictions"][0]["label"] == "red"
+    assert blue["predictions"][0]["label"] == "blue"
