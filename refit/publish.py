@@ -235,7 +235,8 @@ class Publisher:
 
     def _register(self, record: VersionRecord) -> None:
         try:
-            self.torchserve.register(record.model, self.store.url(self.bucket, record.archive_key))
+            url = self.store.url(self.bucket, record.archive_key)
+            self.torchserve.register(record.model, url, batching=record.batching)
         except RefitError:
             if not self._served(record.model, record.version):
                 raise
@@ -258,7 +259,8 @@ class Publisher:
         """Make ``version`` the default: TorchServe first, then the registry (the truth)."""
         record = self.registry.get(model, version)
         if not self._served(model, version):
-            self.torchserve.register(model, self.store.url(self.bucket, record.archive_key))
+            url = self.store.url(self.bucket, record.archive_key)
+            self.torchserve.register(model, url, batching=record.batching)
         self.torchserve.set_default(model, version)
         self.registry.set_default(model, version)
 

@@ -17,6 +17,11 @@ from refit.errors import NotFound, RefitError
 from refit.identifiers import check_model_name, check_version
 from refit.storage import ObjectStore
 
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_BATCH_DELAY_MS = 5
+MAX_BATCH_SIZE = 256
+MAX_BATCH_DELAY_MS = 1000
+
 
 class RegistryError(RefitError):
     """Base class of registry errors."""
@@ -24,6 +29,27 @@ class RegistryError(RefitError):
 
 class ModelNotFound(RegistryError, NotFound):
     pass
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How TorchServe batches a version's Predicts (docs/benchmarks.md chose the defaults).
+
+    TorchServe's worker takes up to ``batch_size`` queued requests at once; after the first it
+    waits at most ``max_batch_delay_ms`` for the rest, so a lone request pays that delay.
+    """
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_batch_delay_ms: int = DEFAULT_MAX_BATCH_DELAY_MS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be 1-{MAX_BATCH_SIZE}, got {self.batch_size}")
+        # 1 ms at least: TorchServe's gRPC API reads 0 as "unset" and waits its default 100 ms.
+        if not 1 <= self.max_batch_delay_ms <= MAX_BATCH_DELAY_MS:
+            raise ValueError(
+                f"max_batch_delay_ms must be 1-{MAX_BATCH_DELAY_MS}, got {self.max_batch_delay_ms}"
+            )
 
 
 @dataclass(frozen=True)
@@ -35,13 +61,17 @@ class VersionRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     lineage: dict = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    # Records written before batching existed get today's defaults at their next registration.
+    batching: Batching = field(default_factory=Batching)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> VersionRecord:
-        return cls(**json.loads(data))
+        fields = json.loads(data)
+        fields["batching"] = Batching(**fields.get("batching", {}))
+        return cls(**fields)
 
 
 class Registry:

@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from refit.errors import DeadlineExceeded, NotFound, RefitError, Unavailable
+from refit.registry import Batching
 from refit.torchserve_api import (
     inference_pb2,
     inference_pb2_grpc,
@@ -110,11 +111,23 @@ class TorchServeClient:
                 workers=len(entry.get("workers", [])),
             )
 
-    def register(self, model: str, url: str, *, workers: int = 1) -> None:
-        """Registers an archive from ``url`` and waits until its workers are up."""
-        request = management_pb2.RegisterModelRequest(
-            model_name=model, url=url, initial_workers=workers, synchronous=True
-        )
+    def register(
+        self,
+        model: str,
+        url: str,
+        *,
+        workers: int = 1,
+        batching: Batching | None = None,
+    ) -> None:
+        """Registers an archive from ``url`` and waits until its workers are up; ``batching``:
+        the version's recorded settings (None: TorchServe's default, one request at a time)."""
+        options = {"model_name": model, "initial_workers": workers, "synchronous": True}
+        if batching is not None:
+            options |= {
+                "batch_size": batching.batch_size,
+                "max_batch_delay": batching.max_batch_delay_ms,
+            }
+        request = management_pb2.RegisterModelRequest(url=url, **options)
         try:
             with self._call("register", model):
                 self._management.RegisterModel(request, timeout=self.register_timeout_s)
@@ -124,9 +137,7 @@ class TorchServeClient:
             # After a TorchServe restart its model store (a cache) may still hold the archive:
             # register that copy by file name instead of downloading it again.
             file_name = url.rsplit("/", 1)[-1].split("?", 1)[0]
-            retry = management_pb2.RegisterModelRequest(
-                model_name=model, url=file_name, initial_workers=workers, synchronous=True
-            )
+            retry = management_pb2.RegisterModelRequest(url=file_name, **options)
             with self._call("register", model):
                 self._management.RegisterModel(retry, timeout=self.register_timeout_s)
 

@@ -208,7 +208,8 @@ class Reconciler:
             return previous  # backing off
         log.info("registering %s v%s with TorchServe", *key)
         try:
-            self.torchserve.register(record.model, self.store.url(self.bucket, record.archive_key))
+            url = self.store.url(self.bucket, record.archive_key)
+            self.torchserve.register(record.model, url, batching=record.batching)
         except Unavailable:
             raise  # TorchServe itself is gone: end the pass
         except RefitError as exc:

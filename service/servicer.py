@@ -162,4 +162,8 @@ def _version(record: VersionRecord, is_default: bool) -> pb.ModelVersion:
         created_at=created,
         archive_key=record.archive_key,
         state="serving" if is_default else "candidate",
+        batching=pb.Batching(
+            batch_size=record.batching.batch_size,
+            max_batch_delay_ms=record.batching.max_batch_delay_ms,
+        ),
     )

@@ -11,17 +11,21 @@ from pathlib import Path
 
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-from refit.registry import Registry, VersionRecord
+from refit.registry import Batching, Registry, VersionRecord
 from refit.storage import ObjectStore, StorageSettings
 from trainer.backbones import efficientnet_lite0_imagenet
 from trainer.checkpoint import save_weights, weights_key
+from trainer.jobs.settings import TrainerSettings
 from trainer.package import Preprocessing, build_archive
 
 BASE_MODEL = "imagenet"
 
 
 def publish_base_model(
-    store: ObjectStore, bucket: str, model_name: str = BASE_MODEL
+    store: ObjectStore,
+    bucket: str,
+    model_name: str = BASE_MODEL,
+    batching: Batching | None = None,
 ) -> VersionRecord:
     registry = Registry(store, bucket)
     store.ensure_bucket(bucket)
@@ -63,6 +67,7 @@ def publish_base_model(
             "dataset_uri": "imagenet-1k (pretrained)",
             "weights_key": weights,
         },
+        batching=batching or Batching(),
     )
     registry.add(record)
     registry.set_default(model_name, version)
@@ -74,7 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bucket", default="refit")
     parser.add_argument("--model", default=BASE_MODEL)
     args = parser.parse_args(argv)
-    record = publish_base_model(StorageSettings.from_env().open(), args.bucket, args.model)
+    batching = TrainerSettings.from_env().batching
+    record = publish_base_model(
+        StorageSettings.from_env().open(), args.bucket, args.model, batching
+    )
     print(f"{record.model} v{record.version}: {record.archive_key}")
 
 

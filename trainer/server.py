@@ -164,7 +164,9 @@ def main() -> None:
     if settings.publish_base_model:
         from trainer.base_model import publish_base_model
 
-        record = publish_base_model(settings.storage.open(), settings.bucket)
+        record = publish_base_model(
+            settings.storage.open(), settings.bucket, batching=settings.batching
+        )
         log.info("base model: %s v%s", record.model, record.version)
     metrics.serve(settings.metrics_address)
     trainer = build_server(settings)

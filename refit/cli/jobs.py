@@ -39,6 +39,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retrain.add_argument("--seed", type=int, default=0)
     retrain.add_argument("--freeze", type=int, default=None, help="units frozen; -1: none")
     retrain.add_argument("--force", action="store_true", help="promote even if not better")
+    retrain.add_argument(
+        "--serving-batch-size", type=int, default=0,
+        help="most Predicts TorchServe batches into one forward pass; 0: REFIT_BATCH_SIZE",
+    )  # fmt: skip
+    retrain.add_argument(
+        "--max-batch-delay-ms", type=int, default=0,
+        help="longest wait for a batch to fill; 0: REFIT_MAX_BATCH_DELAY_MS",
+    )  # fmt: skip
     retrain.add_argument("--created-by", default="", help="kept in the version's lineage")
     retrain.add_argument("--watch", action="store_true", help="follow it with a progress bar")
     _command(retrain, run_retrain)
@@ -103,6 +111,9 @@ def run_retrain(args: argparse.Namespace) -> int:
         model=args.model, dataset_uri=args.dataset, backbone=args.backbone,
         base_version=args.base_version, hyperparameters=hp, force=args.force,
         created_by=args.created_by,
+        batching=pb.Batching(
+            batch_size=args.serving_batch_size, max_batch_delay_ms=args.max_batch_delay_ms
+        ),
     )  # fmt: skip
     stub = stub_for(args)
     job = stub.Retrain(request, timeout=args.timeout)

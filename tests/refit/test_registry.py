@@ -1,9 +1,19 @@
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 
 from refit.identifiers import InvalidModelName
-from refit.registry import ModelNotFound, Registry, VersionRecord
+from refit.registry import (
+    MAX_BATCH_DELAY_MS,
+    MAX_BATCH_SIZE,
+    Batching,
+    ModelNotFound,
+    Registry,
+    VersionRecord,
+)
 from refit.storage import FileStore
 
 
@@ -43,3 +53,22 @@ def test_missing_versions_and_bad_names(registry: Registry) -> None:
 
 def test_archive_keys_are_content_addressed() -> None:
     assert Registry.archive_key("birds", "ab12") == "archives/birds/ab12.mar"
+
+
+def test_batching_is_recorded_and_older_records_get_the_defaults(
+    registry: Registry, file_store: FileStore
+) -> None:
+    registry.add(replace(record("1"), batching=Batching(batch_size=4, max_batch_delay_ms=20)))
+    assert registry.get("birds", "1").batching == Batching(4, 20)
+    older = json.loads(record("2").to_json())
+    del older["batching"]  # written before batching existed
+    file_store.put("refit", "registry/birds/versions/2.json", json.dumps(older).encode())
+    assert registry.get("birds", "2").batching == Batching()
+
+
+@pytest.mark.parametrize(
+    ("size", "delay_ms"), [(0, 5), (MAX_BATCH_SIZE + 1, 5), (8, 0), (8, MAX_BATCH_DELAY_MS + 1)]
+)
+def test_batching_out_of_range_is_refused(size: int, delay_ms: int) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        Batching(size, delay_ms)

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from refit import cli as refit_cli
-from refit.registry import Registry
+from refit.registry import Batching, Registry
 from refit.storage import S3Store
 from refit.torchserve_process import TorchServeProcess
 from refit.trainer.v1 import trainer_pb2_grpc
@@ -228,6 +228,7 @@ def third(api, retrain_service: RefitServer, dataset: str, second) -> tuple[pb.J
     code, out = cli(
         retrain_service, "retrain", "--model", "colours", "--dataset", dataset, "--epochs", "1",
         "--lr", "1e-9", "--batch-size", "16", "--crop-size", str(SIZE), "--seed", "7", "--watch",
+        "--serving-batch-size", "2", "--max-batch-delay-ms", "20",
     )  # fmt: skip
     assert code == 0, out
     jobs = api.ListJobs(pb.ListJobsRequest(model="colours", limit=1), timeout=10).jobs
@@ -253,7 +254,14 @@ def test_worse_version_stays_a_candidate(api, second, third, held_out) -> None:
     assert third.gate.baseline_accuracy == pytest.approx(second[0].metrics["val_accuracy"])
     model = api.GetModel(pb.GetModelRequest(name="colours"), timeout=10)
     assert model.default_version == "2"
-    assert {v.version: v.state for v in model.versions}["3"] == "candidate"
+    versions = {v.version: v for v in model.versions}
+    assert versions["3"].state == "candidate"
+    assert (versions["3"].batching.batch_size, versions["3"].batching.max_batch_delay_ms) == (2, 20)
+    default = Batching()  # the trainer's, as the request left batching unset
+    assert (versions["2"].batching.batch_size, versions["2"].batching.max_batch_delay_ms) == (
+        default.batch_size,
+        default.max_batch_delay_ms,
+    )
     answer = api.Predict(
         pb.PredictRequest(image=held_out[0][0], model="colours", version="3"), timeout=30
     )

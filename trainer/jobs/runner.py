@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from refit.errors import InvalidArgument, RefitError
 from refit.publish import Publisher
-from refit.registry import Registry, RegistryError, VersionRecord, check_model_name
+from refit.registry import Batching, Registry, RegistryError, VersionRecord, check_model_name
 from refit.storage import NoSuchBucket, NoSuchObject, ObjectStore, S3Uri, StorageError
 from trainer.config import TrainConfig
 from trainer.jobs.admission import check_dataset, check_hyperparameters, check_starting_point
@@ -66,6 +66,15 @@ def train_config(request: dict, settings: TrainerSettings, *, job_id: str = "",
     )
 
 
+def batching_for(request: dict, settings: TrainerSettings) -> Batching:
+    """How the new version is served: the request's values, its zero ones the trainer's."""
+    asked, default = request.get("batching", {}), settings.batching
+    return Batching(
+        batch_size=int(asked.get("batch_size") or default.batch_size),
+        max_batch_delay_ms=int(asked.get("max_batch_delay_ms") or default.max_batch_delay_ms),
+    )
+
+
 class TrainingRunner:
     def __init__(self, settings: TrainerSettings, store: ObjectStore, publisher: Publisher) -> None:
         self.settings = settings
@@ -79,6 +88,10 @@ class TrainingRunner:
             config = train_config(request, self.settings)
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(f"invalid retrain request: {exc}") from exc
+        try:
+            batching_for(request, self.settings)
+        except ValueError as exc:
+            raise InvalidArgument(f"batching: {exc}") from exc
         check_dataset(self.store, config.dataset)
         check_starting_point(self.store, config, request.get("base_version", ""))
 
@@ -114,6 +127,7 @@ class TrainingRunner:
                     "created_by": job.request.get("created_by", ""),
                     "job_id": job.id,
                 },
+                batching=batching_for(job.request, self.settings),
             )
         else:
             context.set_state(PUBLISHING)  # trained and recorded before a restart

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from refit.registry import Batching
 from refit.storage import StorageSettings
 
 
@@ -29,6 +30,7 @@ class TrainerSettings:
     publish_wait_s: float = 3600.0  # then the job fails; its version stays recorded
     gc_interval_s: float = 3600.0  # garbage collection of the object store (refit/gc.py); 0: off
     publish_base_model: bool = False  # publish imagenet v1 at start (compose)
+    batching: Batching = field(default_factory=Batching)  # of new versions, unless asked
     storage: StorageSettings = field(default_factory=StorageSettings)
 
     @classmethod
@@ -56,6 +58,10 @@ class TrainerSettings:
             gc_interval_s=float(env.get("REFIT_GC_INTERVAL_S", d.gc_interval_s)),
             publish_base_model=env.get("REFIT_PUBLISH_BASE_MODEL", "false").lower()
             in ("1", "true", "yes"),
+            batching=Batching(
+                int(env.get("REFIT_BATCH_SIZE", d.batching.batch_size)),
+                int(env.get("REFIT_MAX_BATCH_DELAY_MS", d.batching.max_batch_delay_ms)),
+            ),
             storage=StorageSettings.from_env(env),
         )
 

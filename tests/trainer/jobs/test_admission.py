@@ -97,3 +97,15 @@ def test_freeze_range_follows_the_base_versions_backbone(runner: TrainingRunner)
 )
 def test_datasets_and_starting_points(runner: TrainingRunner, fields: dict, fragment: str) -> None:
     assert fragment in refused(runner, **fields)
+
+
+@pytest.mark.parametrize(
+    ("batching", "fragment"),
+    [
+        ({"batch_size": 1000}, "batching: batch_size must be 1-256, got 1000"),
+        ({"max_batch_delay_ms": 5000}, "batching: max_batch_delay_ms must be 1-1000, got 5000"),
+    ],
+)
+def test_batching_out_of_range(runner: TrainingRunner, batching: dict, fragment: str) -> None:
+    assert fragment in refused(runner, batching=batching)
+    runner.validate({"model": "flowers", "dataset_uri": DATASET, "batching": {"batch_size": 256}})

@@ -7,9 +7,10 @@ import math
 import pytest
 
 from refit.identifiers import InvalidModelName
+from refit.registry import Batching
 from trainer.engine import ProgressEvent
 from trainer.jobs.records import EXPORTING, TRAINING
-from trainer.jobs.runner import _ProgressSink, train_config
+from trainer.jobs.runner import _ProgressSink, batching_for, train_config
 from trainer.jobs.settings import TrainerSettings
 
 SETTINGS = TrainerSettings(bucket="b", loader_workers=3, device="cpu", weights_uri="s3://w/")
@@ -38,6 +39,14 @@ def test_hyperparameters_and_base_version_are_passed_on() -> None:
     assert config.init_from == "m:2" and config.backbone == "resnet18"
     assert (config.epochs, config.batch_size, config.lr, config.crop_size) == (3, 8, 0.01, 64)
     assert (config.val_fraction, config.seed, config.freeze, config.patience) == (0.3, 5, -1, 2)
+
+
+def test_batching_of_the_new_version_is_the_requests_or_the_trainers() -> None:
+    settings = TrainerSettings(batching=Batching(8, 5))
+    assert batching_for({}, settings) == Batching(8, 5)
+    assert batching_for({"batching": {"batch_size": 1}}, settings) == Batching(1, 5)
+    asked = {"batching": {"batch_size": 16, "max_batch_delay_ms": 20}}
+    assert batching_for(asked, settings) == Batching(16, 20)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from refit.registry import Batching
 from trainer.jobs.settings import TrainerSettings
 
 
@@ -16,3 +17,11 @@ def test_loader_workers_default_to_auto(value: str | None, workers: int | None) 
 def test_bad_loader_workers_is_an_error_at_start_up() -> None:
     with pytest.raises(ValueError, match="many"):
         TrainerSettings.from_env({"REFIT_TRAINER_LOADER_WORKERS": "many"})
+
+
+def test_batching_of_new_versions_from_the_environment() -> None:
+    assert TrainerSettings.from_env({}).batching == Batching()
+    env = {"REFIT_BATCH_SIZE": "16", "REFIT_MAX_BATCH_DELAY_MS": "20"}
+    assert TrainerSettings.from_env(env).batching == Batching(16, 20)
+    with pytest.raises(ValueError, match="batch_size must be 1-256"):
+        TrainerSettings.from_env({"REFIT_BATCH_SIZE": "0"})
