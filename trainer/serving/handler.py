@@ -27,15 +27,7 @@ class RefitImageClassifier(BaseHandler):
         with open(os.path.join(model_dir, META_FILE)) as f:
             meta = json.load(f)
         self.class_names: list[str] = meta["class_names"]
-        self.transform = v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Resize(meta["resize_size"], antialias=True),
-                v2.CenterCrop(meta["crop_size"]),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(meta["mean"], meta["std"]),
-            ]
-        )
+        self.transform = transform_for(meta)
 
     def preprocess(self, data: list[dict]) -> tuple[torch.Tensor | None, list]:
         tensors, outcomes = [], []
@@ -80,6 +72,19 @@ class RefitImageClassifier(BaseHandler):
             ]
             answers.append(json.dumps({"predictions": predictions}))
         return answers
+
+
+def transform_for(meta: dict) -> v2.Compose:
+    """The model's recorded preprocessing (refit.json): PIL image -> normalized tensor."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(meta["resize_size"], antialias=True),
+            v2.CenterCrop(meta["crop_size"]),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(meta["mean"], meta["std"]),
+        ]
+    )
 
 
 def decode(data: bytes | bytearray | None) -> Image.Image:
