@@ -66,6 +66,10 @@ MODEL_PROBLEM = Gauge(
 )
 
 
+def observe_payload(method: str, image_bytes: int) -> None:
+    PAYLOAD_BYTES.labels(method).observe(image_bytes)
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Counts every RPC by method and final status code, and times it."""
 

@@ -471,8 +471,9 @@ def _update_metrics(epoch: int, stats: EpochStats, result: EvalResult, hw: Hardw
     metrics.TRAINER_ACCURACY.labels("val").set(result.accuracy)
     metrics.TRAINER_IMAGES_PER_SECOND.set(stats.images_per_second)
     metrics.TRAINER_DATA_WAIT_RATIO.set(stats.data_wait_ratio)
-    if hw.device.type == "cuda":
-        metrics.TRAINER_GPU_MEMORY_BYTES.set(torch.cuda.max_memory_allocated(hw.device))
+    # 0 on CPU, as documented: an absent series would leave the panel saying nothing.
+    gpu_bytes = torch.cuda.max_memory_allocated(hw.device) if hw.device.type == "cuda" else 0
+    metrics.TRAINER_GPU_MEMORY_BYTES.set(gpu_bytes)
 
 
 # --- the whole job -------------------------------------------------------------------------------
