@@ -65,14 +65,17 @@ def code_metric_names() -> set[str]:
 # TorchServe's own series that refit reads (tests/refit/test_stack.py sees them in a real scrape).
 TORCHSERVE_METRICS = {
     "ts_inference_requests_total",
-    "ts_inference_latency_microseconds",
-    "ts_queue_latency_microseconds",
+    "PredictionTime",  # gauges: TorchServe's latency counters get no samples from gRPC calls
+    "QueueTime",
 }
 PROMETHEUS_SERIES = {"up", "ALERTS"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
-# Tokens that name a series: ours, TorchServe's, recorded (with a colon) or Prometheus' own.
-_SERIES_TOKEN = re.compile(r"(?<![\w:\"])(refit_\w+|ts_\w+|\w*:\w+(?::\w+)?|up|ALERTS)(?![\w(\"])")
+# Tokens that name a series: ours, TorchServe's (ts_* and two gauges), recorded (with a
+# colon) or Prometheus' own.
+_SERIES_TOKEN = re.compile(
+    r"(?<![\w:\"])(refit_\w+|ts_\w+|\w*:\w+(?::\w+)?|up|ALERTS|PredictionTime|QueueTime)(?![\w(\"])"
+)
 
 
 def recorded_names() -> set[str]:
