@@ -1,7 +1,8 @@
 """Retraining jobs that run as two processes (torchrun, DDP over gloo on CPU) through the Retrain
 API: the service, a trainer with ``processes_per_job=2``, a real TorchServe and a real S3 server
 (moto). One job publishes a version that answers Predict; another is cancelled mid-training and
-every one of its processes is gone."""
+every one of its processes is gone; a trainer killed mid-job takes its processes with it and,
+restarted, resumes the job from its checkpoint."""
 
 from __future__ import annotations
 
@@ -15,14 +16,23 @@ import grpc
 import numpy as np
 import pytest
 
+from refit.registry import Registry
 from refit.storage import S3Store
 from refit.torchserve_process import TorchServeProcess
+from refit.trainer.v1 import trainer_pb2_grpc
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
 from tests.conftest import MotoServer
 from tests.service.conftest import connect, service_settings, start_service
-from tests.service.test_retrain import RUN_STATES, retrain, states, trainer_settings, watch
+from tests.service.test_retrain import (
+    RUN_STATES,
+    TrainerProcess,
+    retrain,
+    states,
+    trainer_settings,
+    watch,
+)
 from tests.trainer.synthetic import CLASS_NAMES, colour_image, png_bytes, upload_colours
 from trainer.server import TrainerServer, build_server
 
@@ -120,3 +130,42 @@ def test_cancel_stops_every_process_of_a_running_job(api, dataset: str) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         api.GetModel(pb.GetModelRequest(name="duo-cancel"), timeout=10)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was published
+
+
+def test_trainer_killed_mid_job_takes_its_processes_along_then_resumes(
+    moto_server: MotoServer, torchserve: TorchServeProcess, dataset: str, tmp_path: Path
+) -> None:
+    bucket = f"kill2-{uuid.uuid4().hex[:8]}"
+    trainer = TrainerProcess(moto_server, bucket, torchserve, tmp_path / "trainer.log")
+    trainer.env["REFIT_TRAINER_PROCESSES_PER_JOB"] = "2"
+    trainer.env["REFIT_TRAINER_LOADER_WORKERS"] = "0"
+    hp = pb.Hyperparameters(epochs=4, batch_size=2, lr=3e-3, crop_size=SIZE)  # 8 steps/epoch
+    trainer.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{trainer.port}") as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            job = stub.Submit(pb.RetrainRequest(model="duo-killed", dataset_uri=dataset,
+                                                hyperparameters=hp), timeout=30)  # fmt: skip
+            for event in stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=300):
+                if event.job.progress.epoch_end and event.job.progress.epoch == 1:
+                    break  # epoch 1 is checkpointed
+        assert len(job_processes(job.id)) == 3  # torchrun's agent and two ranks
+        trainer.kill()
+        deadline = time.monotonic() + 20
+        while job_processes(job.id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not job_processes(job.id)  # nothing trains on without its trainer
+        trainer.start()
+        with grpc.insecure_channel(f"127.0.0.1:{trainer.port}") as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            events = list(stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=300))
+    finally:
+        trainer.stop()
+    final = events[-1].job
+    assert final.state == pb.SUCCEEDED, (final.error, trainer.log.read_text()[-3000:])
+    assert final.attempts == 2 and final.version == "1"
+    trained = {e.job.progress.epoch for e in events if e.kind == "progress"
+               and e.job.progress.epoch_end}  # fmt: skip
+    assert trained == {2, 3, 4}  # epoch 1 came from the checkpoint
+    versions = Registry(S3Store(moto_server.settings), bucket).versions("duo-killed")
+    assert [(v.version, v.lineage["job_id"]) for v in versions] == [("1", job.id)]
