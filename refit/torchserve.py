@@ -237,7 +237,15 @@ class TorchServeClient:
             if target == self._target:
                 return
             old = self._inference_channel
-            options = [*_CHANNEL_OPTIONS, ("grpc.service_config", _PREDICT_SERVICE_CONFIG)]
+            options = [
+                *_CHANNEL_OPTIONS,
+                ("grpc.service_config", _PREDICT_SERVICE_CONFIG),
+                # Own connections: gRPC otherwise shares them between channels, and a replica
+                # that rejoins would wait out the backoff its old connection built while it was
+                # down (up to 2 minutes) before the new channel could use it.
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.max_reconnect_backoff_ms", 5_000),
+            ]
             self._inference_channel = grpc.insecure_channel(target, options)
             self._inference = inference_pb2_grpc.InferenceAPIsServiceStub(self._inference_channel)
             self._target = target

@@ -63,6 +63,8 @@ SERVICE_METRICS = {
     "refit_model_versions_not_served",
     "refit_model_problem",
     "refit_auth_failures_total",
+    "refit_torchserve_replica_up",
+    "refit_torchserve_replica_in_rotation",
 }
 TRAINER_METRICS = {
     "refit_trainer_jobs_total",
