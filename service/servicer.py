@@ -134,13 +134,23 @@ def _model(entry: ModelEntry, reconciler: Reconciler) -> pb.Model:
         version.registration = _REGISTRATIONS.get(registration.state, pb.ModelVersion.PENDING)
         version.registration_error = registration.error
         version.registration_attempts = registration.attempts
+        version.replicas.extend(
+            pb.ReplicaRegistration(
+                replica=r.replica,
+                registration=_REGISTRATIONS.get(r.state, pb.ModelVersion.PENDING),
+                error=r.error,
+                attempts=r.attempts,
+            )
+            for r in reconciler.registrations(entry.name, record.version)
+        )
         versions.append(version)
     default = next((v for v in versions if v.is_default), None)
     return pb.Model(
         name=entry.name,
         default_version=entry.default_version or "",
         versions=versions,
-        default_served=default is not None and default.registration == pb.ModelVersion.REGISTERED,
+        default_served=default is not None
+        and any(r.registration == pb.ModelVersion.REGISTERED for r in default.replicas),
         problem=reconciler.problem(entry.name),
     )
 
