@@ -149,7 +149,8 @@ def build(compose: list[str], env: dict[str, str], services=SERVICES) -> dict[st
         build_env = {**os.environ, **env, **pip_env}
         for service in services:
             started = time.monotonic()
-            run(*compose, "build", service, env=build_env, cwd=ROOT)
+            # Docker's build log to stderr: stdout stays for what the caller prints.
+            run(*compose, "build", service, env=build_env, cwd=ROOT, stdout=sys.stderr)
             seconds[service] = time.monotonic() - started
             log(f"built {service} in {seconds[service]:.0f} s")
     return seconds
