@@ -5,7 +5,7 @@
 #   engine.sh stop    stops the dockerd that `start` started, if any (never another one)
 # The daemon's log: /tmp/refit-dockerd.log.
 set -euo pipefail
-PIDFILE=/tmp/refit-dockerd.pid
+PIDFILE=${REFIT_DOCKERD_PIDFILE:-/tmp/refit-dockerd.pid}
 LOG=/tmp/refit-dockerd.log
 
 install_missing() {
@@ -29,7 +29,7 @@ start() {
   setsid dockerd >"$LOG" 2>&1 < /dev/null &
   echo $! >"$PIDFILE"
   for _ in $(seq 60); do
-    docker info >/dev/null 2>&1 && return
+    docker info >/dev/null 2>&1 && { remove_stale_test_stacks; return; }
     sleep 1
   done
   echo "engine.sh: dockerd did not answer within 60 s; its log:" >&2
@@ -37,11 +37,32 @@ start() {
   exit 1
 }
 
+# Stacks of a container test that never reached `down -v` (killed, or the machine rebooted):
+# their restart policies bring them back with the daemon, yet no test can be using them when
+# this daemon has only just started.
+remove_stale_test_stacks() {
+  local label=com.docker.compose.project project
+  local projects
+  projects=$({
+    docker ps -a --format "{{.Label \"$label\"}}"
+    docker volume ls --format "{{.Label \"$label\"}}"
+    docker network ls --format "{{.Label \"$label\"}}"
+  } | grep '^refit-e2e-' | sort -u || true)
+  for project in $projects; do
+    echo "engine.sh: removing $project, left by an interrupted container test" >&2
+    docker ps -aq --filter "label=$label=$project" | xargs -r docker rm -f >/dev/null
+    docker volume ls -q --filter "label=$label=$project" | xargs -r docker volume rm >/dev/null
+    docker network ls -q --filter "label=$label=$project" | xargs -r docker network rm >/dev/null
+  done
+}
+
 stop() {
   [ -f "$PIDFILE" ] || return 0
   local pid
   pid=$(cat "$PIDFILE")
   rm -f "$PIDFILE"
+  # A pid file from an earlier boot may name any process by now: end it only if it is dockerd.
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] || return 0
   kill "$pid" 2>/dev/null || return 0
   for _ in $(seq 30); do
     kill -0 "$pid" 2>/dev/null || return 0
