@@ -3,8 +3,9 @@
 Every image is built from this checkout (Dockerfile targets service, torchserve, trainer) and
 the stack runs docker-compose.yml with docker-compose.test.yml, which replaces only images this
 machine cannot obtain (MinIO by a local S3 server image, Prometheus by Debian's; Grafana is not
-started). Run by `make test-containers`, never by `make test`: it needs an engine and about
-half an hour on two cores, first builds included. The tests run in file order on one stack.
+started). Run by `make test-containers`, never by `make test`: it needs an engine, and about
+20 minutes on two loaded cores with no build cache, 4 with one (docs/benchmarks.md,
+"Containers"). The tests run in file order on one stack.
 """
 
 from __future__ import annotations
