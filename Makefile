@@ -1,10 +1,11 @@
 # Two commands do all setup: `make up` runs the local stack, `make test` runs the whole suite.
+# `make test-containers` builds the images and tests the compose stack on a real engine.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 export REFIT_DATA_DIR ?= $(CURDIR)/.refit
 
-.PHONY: install gen up down status demo test lint bench clean
+.PHONY: install gen up down status demo test lint bench clean images test-containers
 
 install: $(VENV)/.installed gen
 
@@ -37,6 +38,19 @@ lint: install
 
 test: lint
 	$(PY) -m pytest -q
+
+# The container images, built as this project's machines build them (no image registry: a local
+# base image, pip's local mirrors; deploy/containers/local_build.py). Starts an engine if needed.
+images: install
+	bash deploy/containers/engine.sh start
+	$(PY) -m deploy.containers.local_build
+
+# The compose stack end to end on a real engine (tests/containers/), never part of `make test`.
+# Installs and starts an engine when none runs, and stops the one it started.
+test-containers: install
+	bash deploy/containers/engine.sh start
+	$(PY) -m pytest -m containers tests/containers -v -p no:cacheprovider; \
+	  status=$$?; bash deploy/containers/engine.sh stop; exit $$status
 
 # Long measurements, never part of `make test`; figures go to docs/benchmarks.md.
 bench: install

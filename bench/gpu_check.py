@@ -301,7 +301,7 @@ def torchserve_predict(ctx: Context, step: Step) -> None:
                 raise RuntimeError("TorchServe's gRPC API did not answer within 60 s")
             time.sleep(0.5)
         store = ctx.storage.open()
-        client.register("gpucheck", store.url(BUCKET, ctx.archive_key), batching=Batching())
+        client.register("gpucheck", "1", store.url(BUCKET, ctx.archive_key), batching=Batching())
         workers = describe(ports.management, "gpucheck")["workers"]
         on_gpu = any(w.get("gpu") for w in workers)
         if not ctx.cpu and not on_gpu:

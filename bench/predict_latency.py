@@ -1,13 +1,20 @@
-"""Predict latency and throughput: refit service vs direct TorchServe gRPC vs direct REST.
+"""Predict latency and throughput, side by side in one run, concurrency 1 and 8.
 
-Same model (imagenet v1, EfficientNet-Lite0), same images, one run, concurrency 1 and 8.
-Starts its own stack on free ports (embedded store, TorchServe, the service as a separate
-process) and tears it down. Usage: .venv/bin/python bench/predict_latency.py [--requests N]
+Same model (imagenet v1, EfficientNet-Lite0), same images. Each --target starts its own stack on
+free ports and tears it down:
+- ``local`` (default): the `make up` layout (embedded store, TorchServe, the service as a separate
+  process); measured through the refit service, and directly against TorchServe gRPC and REST.
+- ``containers``: the compose stack on this machine's Docker engine (docker-compose.yml with
+  docker-compose.test.yml, deploy/containers/stack.py), through the service's published port.
+
+Usage: PYTHONPATH=. .venv/bin/python bench/predict_latency.py [--requests N]
+           [--target local] [--target containers]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import io
 import os
@@ -25,7 +32,6 @@ import grpc
 from PIL import Image
 from skimage import data
 
-from refit.client import ClientSettings, connect
 from refit.netutil import free_port, wait_serving
 from refit.storage import StorageSettings
 from refit.torchserve_api import inference_pb2, inference_pb2_grpc
@@ -34,7 +40,6 @@ from refit.v1 import refit_pb2, refit_pb2_grpc
 from trainer.base_model import publish_base_model
 
 Call = Callable[[bytes], None]
-TOKEN = secrets.token_urlsafe(32)  # the service is measured with auth on
 
 
 def jpeg(array: object) -> bytes:
@@ -43,11 +48,14 @@ def jpeg(array: object) -> bytes:
     return buffer.getvalue()
 
 
-def via_refit(address: str) -> Callable[[], Call]:
+def via_refit(address: str, token: str) -> Callable[[], Call]:
+    metadata = [("authorization", f"Bearer {token}")]
+
     def make() -> Call:
-        stub = refit_pb2_grpc.RefitStub(connect(ClientSettings(address, token=TOKEN)))
+        stub = refit_pb2_grpc.RefitStub(grpc.insecure_channel(address))
         return lambda image: stub.Predict(
             refit_pb2.PredictRequest(image=image, model="imagenet", version="1", top_k=5),
+            metadata=metadata,
             timeout=60,
         )
 
@@ -136,60 +144,85 @@ def summarize(latencies: list[float], seconds: float) -> dict:
     }
 
 
+def start_local(stack: contextlib.ExitStack, tmp: Path) -> dict[str, Callable[[], Call]]:
+    """The `make up` layout on free ports: embedded store, TorchServe, the service process."""
+    storage = StorageSettings(data_dir=tmp)
+    publish_base_model(storage.open(), "refit")
+    ports = TorchServePorts(*(free_port() for _ in range(5)))
+    torchserve = TorchServeProcess(tmp / "ts", ports, allowed_urls_for((tmp / "objects").as_uri()))
+    torchserve.start()
+    stack.callback(torchserve.stop)
+    address, token = f"127.0.0.1:{free_port()}", secrets.token_urlsafe(24)
+    env = {
+        **os.environ,
+        "REFIT_DATA_DIR": str(tmp),
+        "REFIT_GRPC_ADDRESS": address,
+        "REFIT_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+        "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ports.grpc_inference}",
+        "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ports.grpc_management}",
+        "REFIT_ADMIN_TOKEN": token,
+    }
+    service = subprocess.Popen([sys.executable, "-m", "service.server"], env=env)
+    stack.callback(service.wait, 15)
+    stack.callback(service.terminate)
+    wait_serving(address, alive=lambda: service.poll() is None)
+    return {
+        "refit service (gRPC)": via_refit(address, token),
+        "TorchServe gRPC (direct)": via_torchserve_grpc(ports.grpc_inference),
+        "TorchServe REST (direct)": via_torchserve_rest(ports.inference),
+    }
+
+
+def start_containers(stack: contextlib.ExitStack, tmp: Path) -> dict[str, Callable[[], Call]]:
+    """The compose stack on this machine's engine; images are built (or found in the cache)."""
+    from deploy.containers.stack import ComposeStack
+
+    compose = ComposeStack(tmp)
+    compose.build()
+    stack.callback(compose.down)
+    started = time.monotonic()
+    compose.up()
+    compose.wait_until_predicts(jpeg(data.coffee()))
+    print(f"containers: cold up to the first Predict in {time.monotonic() - started:.0f} s")
+    return {"containers: refit service (gRPC)": via_refit(compose.address, compose.admin_token)}
+
+
+TARGETS = {"local": start_local, "containers": start_containers}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400, help="per path and concurrency")
+    parser.add_argument("--target", action="append", choices=TARGETS, help="repeatable")
     args = parser.parse_args()
     images = [jpeg(data.coffee()), jpeg(data.chelsea()), jpeg(data.astronaut())]
-    with tempfile.TemporaryDirectory() as tmp:
-        storage = StorageSettings(data_dir=Path(tmp))
-        store = storage.open()
-        publish_base_model(store, "refit")
-        ports = TorchServePorts(*(free_port() for _ in range(5)))
-        torchserve = TorchServeProcess(
-            Path(tmp) / "ts", ports, allowed_urls_for((Path(tmp) / "objects").as_uri())
-        )
-        torchserve.start()
-        address = f"127.0.0.1:{free_port()}"
-        env = {
-            **os.environ,
-            "REFIT_DATA_DIR": tmp,
-            "REFIT_GRPC_ADDRESS": address,
-            "REFIT_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
-            "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ports.grpc_inference}",
-            "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ports.grpc_management}",
-            "REFIT_ADMIN_TOKEN": TOKEN,
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        paths = {}
+        for target in args.target or ["local"]:
+            workdir = Path(tmp) / target
+            workdir.mkdir()
+            paths |= TARGETS[target](stack, workdir)
+        for make in paths.values():  # warm every path and the workers
+            load(make, images, 16, 1)
+        results = {
+            (name, c): result
+            for c in (1, 8)
+            for name, result in interleaved(paths, images, args.requests, c).items()
         }
-        service = subprocess.Popen([sys.executable, "-m", "service.server"], env=env)
-        try:
-            wait_serving(address, alive=lambda: service.poll() is None)
-            paths = {
-                "refit service (gRPC)": via_refit(address),
-                "TorchServe gRPC (direct)": via_torchserve_grpc(ports.grpc_inference),
-                "TorchServe REST (direct)": via_torchserve_rest(ports.inference),
-            }
-            for make in paths.values():  # warm every path and the worker
-                load(make, images, 16, 1)
-            results = {
-                (name, c): result
-                for c in (1, 8)
-                for name, result in interleaved(paths, images, args.requests, c).items()
-            }
-        finally:
-            service.terminate()
-            service.wait(15)
-            torchserve.stop()
     report(results)
 
 
 def report(results: dict) -> None:
-    print("| path | concurrency | req/s | p50 ms | p99 ms | req/s vs TS gRPC | p50 vs TS gRPC |")
+    """One table; ratios against direct TorchServe gRPC when measured, else the first path."""
+    names = list(dict.fromkeys(name for name, _ in results))
+    base = "TorchServe gRPC (direct)" if "TorchServe gRPC (direct)" in names else names[0]
+    print(f"| path | concurrency | req/s | p50 ms | p99 ms | req/s vs {base} | p50 vs {base} |")
     print("|---|---|---|---|---|---|---|")
     for (name, c), r in results.items():
-        base = results[("TorchServe gRPC (direct)", c)]
+        first = results[(base, c)]
         print(
             f"| {name} | {c} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{r['rps'] / base['rps']:.2f}x | {r['p50_ms'] - base['p50_ms']:+.1f} ms |"
+            f"{r['rps'] / first['rps']:.2f}x | {r['p50_ms'] - first['p50_ms']:+.1f} ms |"
         )
 
 

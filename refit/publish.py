@@ -207,8 +207,7 @@ class Publisher:
         attempt = 0
         while True:
             try:
-                if not self._served(model, version):
-                    self._register(record)
+                self._register(record)
                 self._smoke_test(record)
                 return
             except (Unavailable, DeadlineExceeded, ModelNotLoaded) as exc:
@@ -234,13 +233,10 @@ class Publisher:
             )
 
     def _register(self, record: VersionRecord) -> None:
-        try:
-            url = self.store.url(self.bucket, record.archive_key)
-            self.torchserve.register(record.model, url, batching=record.batching)
-        except RefitError:
-            if not self._served(record.model, record.version):
-                raise
-            # The reconciler registered it at the same moment: as good as ours.
+        """On every TorchServe replica that lacks it (one that the service's reconciler loaded
+        at the same moment counts as loaded)."""
+        url = self.store.url(self.bucket, record.archive_key)
+        self.torchserve.register(record.model, record.version, url, batching=record.batching)
 
     def _smoke_test(self, record: VersionRecord) -> None:
         answer = self.torchserve.predict(record.model, record.version, smoke_image(), top_k=1)
@@ -257,10 +253,7 @@ class Publisher:
 
     def promote(self, model: str, version: str) -> None:
         """Make ``version`` the default: TorchServe first, then the registry (the truth)."""
-        record = self.registry.get(model, version)
-        if not self._served(model, version):
-            url = self.store.url(self.bucket, record.archive_key)
-            self.torchserve.register(model, url, batching=record.batching)
+        self._register(self.registry.get(model, version))
         self.torchserve.set_default(model, version)
         self.registry.set_default(model, version)
 

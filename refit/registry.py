@@ -79,9 +79,13 @@ class Registry:
         self.store = store
         self.bucket = bucket
 
-    def models(self) -> list[str]:
-        names = {info.key.split("/")[1] for info in self.store.list(self.bucket, "registry/")}
-        return sorted(names)
+    def listing(self) -> tuple[tuple[str, str], ...]:
+        """Every registry object's (key, etag): it changes whenever a record or default does."""
+        return tuple((info.key, info.etag) for info in self.store.list(self.bucket, "registry/"))
+
+    def models(self, listing: tuple[tuple[str, str], ...] | None = None) -> list[str]:
+        keys = [key for key, _ in (self.listing() if listing is None else listing)]
+        return sorted({key.split("/")[1] for key in keys})
 
     def versions(self, model: str) -> list[VersionRecord]:
         prefix = f"registry/{check_model_name(model)}/versions/"

@@ -130,6 +130,24 @@ class StorageSettings:
             retries=int(env.get("REFIT_STORAGE_RETRIES", cls.retries)),
         )
 
+    def to_env(self) -> dict[str, str]:
+        """The variables ``from_env`` reads, for a child process (the embedded store's directory
+        made absolute, so the child may run anywhere)."""
+        env = {
+            "REFIT_DATA_DIR": str(self.data_dir.resolve()),
+            "REFIT_STORAGE_TIMEOUT_S": str(self.timeout_s),
+            "REFIT_STORAGE_RETRIES": str(self.retries),
+        }
+        if self.endpoint:
+            env |= {
+                "MINIO_ENDPOINT": self.endpoint,
+                "MINIO_ACCESS_KEY": self.access_key,
+                "MINIO_SECRET_KEY": self.secret_key,
+                "MINIO_SECURE": str(self.secure).lower(),
+                "MINIO_REGION": self.region,
+            }
+        return env
+
     def open(self) -> ObjectStore:
         if self.endpoint:
             return S3Store(self)

@@ -1,5 +1,12 @@
 """The one module that talks to TorchServe, through its own gRPC APIs.
 
+TorchServe may run as several replicas (``Targets``): one ``host:port``, a comma list of them, or
+``dns:///name:port``, one name resolving to every replica (a Kubernetes headless Service).
+Predicts are spread over the replicas in rotation by gRPC's own client-side load balancing
+(round_robin), and gRPC retries a Predict that failed with UNAVAILABLE once, on another replica.
+Management calls (register, set default, unregister) go to every replica; the service's
+reconciler also calls each replica on its own and decides which are in rotation.
+
 Channels are created once and reused; every call has a deadline; TorchServe's failures become
 the service's domain errors here and nowhere else.
 """
@@ -7,9 +14,11 @@ the service's domain errors here and nowhere else.
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import grpc
@@ -31,6 +40,27 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.keepalive_time_ms", 30_000),
 ]
+DNS_SCHEME = "dns:///"
+# Round robin over the replicas; a Predict that fails with UNAVAILABLE (the replica died or is
+# unreachable) is retried once, and round robin picks another replica for the retry. Other codes
+# are answers (a bad image, a model not loaded there) and are not retried.
+_PREDICT_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": "org.pytorch.serve.grpc.inference.InferenceAPIsService"}],
+                "retryPolicy": {
+                    "maxAttempts": 2,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
 
 
 class ModelNotLoaded(RefitError):
@@ -47,7 +77,106 @@ class ServedVersion:
     workers: int
 
 
+@dataclass(frozen=True)
+class Replica:
+    """One TorchServe instance. ``name`` (its management address) labels its metrics."""
+
+    name: str
+    inference: str
+    management: str
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where TorchServe's replicas are (REFIT_TORCHSERVE_INFERENCE and _MANAGEMENT)."""
+
+    inference: tuple[str, ...]
+    management: tuple[str, ...]
+    dns_name: str = ""  # set: the replicas are every IPv4 address this name resolves to
+
+    @classmethod
+    def parse(cls, inference: str, management: str) -> Targets:
+        """``host:port``, ``h1:p1,h2:p2`` (both lists in the same order) or ``dns:///name:port``
+        (both naming the same host, each with its own port)."""
+        dns = [target.startswith(DNS_SCHEME) for target in (inference, management)]
+        if any(dns):
+            if not all(dns):
+                raise ValueError(
+                    "REFIT_TORCHSERVE_INFERENCE and _MANAGEMENT must both be dns:///NAME:PORT "
+                    f"or both host:port lists (got {inference!r} and {management!r})"
+                )
+            inference_host, _ = _split(inference.removeprefix(DNS_SCHEME))
+            management_host, _ = _split(management.removeprefix(DNS_SCHEME))
+            if inference_host != management_host:
+                raise ValueError(
+                    f"dns:/// targets must name the same host (got {inference_host!r} and "
+                    f"{management_host!r}): each resolved address is one TorchServe replica"
+                )
+            return cls(
+                (inference.removeprefix(DNS_SCHEME),),
+                (management.removeprefix(DNS_SCHEME),),
+                inference_host,
+            )
+        inference_list = tuple(t.strip() for t in inference.split(","))
+        management_list = tuple(t.strip() for t in management.split(","))
+        if len(inference_list) != len(management_list):
+            raise ValueError(
+                f"REFIT_TORCHSERVE_INFERENCE lists {len(inference_list)} replicas and "
+                f"_MANAGEMENT {len(management_list)}: give both for every replica, in one order"
+            )
+        for target in inference_list + management_list:
+            _split(target)
+        return cls(inference_list, management_list)
+
+    def replicas(self) -> list[Replica]:
+        """The replicas now: a DNS name is resolved on every call (replicas come and go)."""
+        if not self.dns_name:
+            return [Replica(m, i, m) for i, m in zip(self.inference, self.management, strict=True)]
+        _, inference_port = _split(self.inference[0])
+        _, management_port = _split(self.management[0])
+        return [
+            Replica(f"{ip}:{management_port}", f"{ip}:{inference_port}", f"{ip}:{management_port}")
+            for ip in resolve_ipv4(self.dns_name)
+        ]
+
+    def initial_inference_target(self) -> str:
+        """Before the reconciler names the replicas in rotation: all of them."""
+        if self.dns_name:
+            return DNS_SCHEME + self.inference[0]  # gRPC resolves and re-resolves it
+        return balanced_target(self.inference)
+
+
+def _split(target: str) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"TorchServe target {target!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def resolve_ipv4(host: str) -> list[str]:
+    """The host's IPv4 addresses, sorted; none when the name does not resolve (yet)."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    return sorted({info[4][0] for info in infos})
+
+
+def balanced_target(addresses: Sequence[str]) -> str:
+    """A gRPC target spreading calls over ``addresses``: one stays as given (gRPC resolves it);
+    several become an ``ipv4:`` address list, which is what round_robin balances over."""
+    if len(addresses) == 1:
+        return addresses[0]
+    resolved = []
+    for address in addresses:
+        host, port = _split(address)
+        resolved += [f"{ip}:{port}" for ip in resolve_ipv4(host)[:1]]
+    return "ipv4:" + ",".join(resolved) if resolved else addresses[0]
+
+
 class TorchServeClient:
+    """Every TorchServe replica: Predicts spread over those in rotation, management fanned out."""
+
     def __init__(
         self,
         inference_target: str,
@@ -60,14 +189,74 @@ class TorchServeClient:
         self.observe = observe or (lambda call, seconds, error: None)
         self.timeout_s = timeout_s
         self.register_timeout_s = register_timeout_s
-        self._inference_channel = grpc.insecure_channel(inference_target, _CHANNEL_OPTIONS)
-        self._management_channel = grpc.insecure_channel(management_target, _CHANNEL_OPTIONS)
-        self._inference = inference_pb2_grpc.InferenceAPIsServiceStub(self._inference_channel)
-        self._management = management_pb2_grpc.ManagementAPIsServiceStub(self._management_channel)
+        self.targets = Targets.parse(inference_target, management_target)
+        self._lock = threading.Lock()
+        self._replicas: dict[str, ReplicaClient] = {}
+        self._target = ""
+        self._inference_channel: grpc.Channel | None = None
+        self._inference: inference_pb2_grpc.InferenceAPIsServiceStub | None = None
+        self._use_inference_target(self.targets.initial_inference_target())
 
     def close(self) -> None:
-        self._inference_channel.close()
-        self._management_channel.close()
+        with self._lock:
+            channels = [self._inference_channel] + [r.channel for r in self._replicas.values()]
+            self._replicas.clear()
+        for channel in channels:
+            channel.close()
+
+    # --- replicas ----------------------------------------------------------------------------
+
+    def replicas(self) -> list[ReplicaClient]:
+        """A client per replica, as the targets name them now (a DNS name is re-resolved)."""
+        replicas = self.targets.replicas()
+        gone = []
+        with self._lock:
+            for replica in replicas:
+                if replica.name not in self._replicas:
+                    self._replicas[replica.name] = ReplicaClient(replica, self)
+            for name in set(self._replicas) - {r.name for r in replicas}:
+                gone.append(self._replicas.pop(name))
+            clients = [self._replicas[r.name] for r in replicas]
+        for client in gone:
+            client.channel.close()
+        return clients
+
+    def set_rotation(self, replicas: Sequence[ReplicaClient]) -> None:
+        """Sends Predicts to ``replicas`` only (those holding every default); none named: all."""
+        addresses = [r.replica.inference for r in replicas]
+        if not addresses:
+            addresses = [r.replica.inference for r in self.replicas()]
+        target = balanced_target(addresses) if addresses else self._target
+        self._use_inference_target(target)
+
+    @property
+    def inference_target(self) -> str:
+        return self._target
+
+    def _use_inference_target(self, target: str) -> None:
+        with self._lock:
+            if target == self._target:
+                return
+            old = self._inference_channel
+            options = [
+                *_CHANNEL_OPTIONS,
+                ("grpc.service_config", _PREDICT_SERVICE_CONFIG),
+                # Own connections: gRPC otherwise shares them between channels, and a replica
+                # that rejoins would wait out the backoff its old connection built while it was
+                # down (up to 2 minutes) before the new channel could use it.
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.max_reconnect_backoff_ms", 5_000),
+            ]
+            self._inference_channel = grpc.insecure_channel(target, options)
+            self._inference = inference_pb2_grpc.InferenceAPIsServiceStub(self._inference_channel)
+            self._target = target
+        if old is not None:
+            # Calls in flight on the old channel finish first: close it once they must have.
+            closer = threading.Timer(self.timeout_s + 5.0, old.close)
+            closer.daemon = True
+            closer.start()
+
+    # --- inference (spread over the replicas in rotation) ---------------------------------------
 
     def predict(
         self, model: str, version: str, image: bytes, top_k: int, timeout_s: float | None = None
@@ -79,30 +268,103 @@ class TorchServeClient:
         timeout = self.timeout_s if timeout_s is None else min(self.timeout_s, timeout_s)
         if timeout <= 0:
             raise DeadlineExceeded(f"deadline passed before {model} v{version} was asked")
-        with self._call("predict", f"{model} v{version}"):
-            response = self._inference.Predictions(request, timeout=timeout)
+        stub = self._inference
+        with _call(self.observe, "predict", f"{model} v{version}"):
+            response = stub.Predictions(request, timeout=timeout)
         return json.loads(response.prediction)
 
     def ping(self) -> bool:
         try:
-            with self._call("ping", "TorchServe"):
+            with _call(self.observe, "ping", "TorchServe"):
                 answer = self._inference.Ping(empty_pb2.Empty(), timeout=2)
         except RefitError:
             return False
         return "Healthy" in answer.health
 
+    # --- management (every replica) ------------------------------------------------------------
+
     def served_versions(self) -> list[ServedVersion]:
+        """What any reachable replica serves (a version counts once, by its first replica)."""
+        served: dict[tuple[str, str], ServedVersion] = {}
+        for versions in self._each_replica("list models", lambda r: r.served_versions()):
+            for v in versions:
+                served.setdefault((v.model, v.version), v)
+        return list(served.values())
+
+    def register(
+        self, model: str, version: str, url: str, *, batching: Batching | None = None
+    ) -> None:
+        """Loads the archive at ``url`` on every reachable replica that lacks the version, with
+        the version's batching settings."""
+        self._each_replica(
+            f"register {model} v{version}", lambda r: r.ensure(model, version, url, batching)
+        )
+
+    def set_default(self, model: str, version: str) -> None:
+        self._each_replica(
+            f"set {model} v{version} default", lambda r: r.set_default(model, version)
+        )
+
+    def unregister(self, model: str, version: str) -> None:
+        """Unloads the version everywhere; NotFound only when no replica held it."""
+
+        def unload(replica: ReplicaClient) -> bool:
+            try:
+                replica.unregister(model, version)
+            except NotFound:
+                return False
+            return True
+
+        if not any(self._each_replica(f"unregister {model} v{version}", unload)):
+            raise NotFound(f"no TorchServe replica holds {model} v{version}")
+
+    def _each_replica(self, what: str, action: Callable[[ReplicaClient], object]) -> list:
+        """Runs ``action`` on every replica; returns the answers of those reached. Unreachable
+        replicas are skipped (the service's reconciler brings them in line when they answer
+        again) unless none was reached. Any other failure is raised."""
+        answers, unreachable = [], []
+        replicas = self.replicas()
+        for replica in replicas:
+            try:
+                answers.append(action(replica))
+            except Unavailable as exc:
+                unreachable.append(f"{replica.name}: {exc.message}")
+        if not answers:
+            where = "; ".join(unreachable) or f"{self.targets.dns_name} resolves to no address"
+            raise Unavailable(f"no TorchServe replica answered ({what}): {where}; retry shortly")
+        return answers
+
+
+class ReplicaClient:
+    """One replica's management API (the reconciler calls each replica on its own)."""
+
+    def __init__(self, replica: Replica, owner: TorchServeClient) -> None:
+        self.replica = replica
+        self.name = replica.name
+        self.owner = owner
+        self.channel = grpc.insecure_channel(replica.management, _CHANNEL_OPTIONS)
+        self._management = management_pb2_grpc.ManagementAPIsServiceStub(self.channel)
+
+    def model_names(self) -> set[str]:
         with self._call("list_models", "TorchServe"):
             listing = self._management.ListModels(
-                management_pb2.ListModelsRequest(limit=1000), timeout=self.timeout_s
+                management_pb2.ListModelsRequest(limit=1000), timeout=self.owner.timeout_s
             )
-        names = [m["modelName"] for m in json.loads(listing.msg).get("models", [])]
-        return [version for name in names for version in self._describe(name)]
+        return {m["modelName"] for m in json.loads(listing.msg).get("models", [])}
 
-    def _describe(self, model: str) -> Iterator[ServedVersion]:
-        request = management_pb2.DescribeModelRequest(model_name=model, model_version="all")
+    def served_versions(self) -> list[ServedVersion]:
+        return [version for name in self.model_names() for version in self._describe(name)]
+
+    def holds(self, model: str, version: str) -> bool:
+        try:
+            return any(v.version == version for v in self._describe(model))
+        except NotFound:
+            return False
+
+    def _describe(self, model: str, version: str = "all") -> Iterator[ServedVersion]:
+        request = management_pb2.DescribeModelRequest(model_name=model, model_version=version)
         with self._call("describe_model", model):
-            answer = self._management.DescribeModel(request, timeout=self.timeout_s)
+            answer = self._management.DescribeModel(request, timeout=self.owner.timeout_s)
         for entry in json.loads(answer.msg):
             yield ServedVersion(
                 model=entry["modelName"],
@@ -110,6 +372,17 @@ class TorchServeClient:
                 is_default=bool(entry.get("isDefaultVersion", False)),
                 workers=len(entry.get("workers", [])),
             )
+
+    def ensure(self, model: str, version: str, url: str, batching: Batching | None = None) -> None:
+        """Registers the version unless this replica holds it already (also when another caller,
+        e.g. a publisher beside the reconciler, registered it at the same moment)."""
+        if self.holds(model, version):
+            return
+        try:
+            self.register(model, url, batching=batching)
+        except RefitError:
+            if not self.holds(model, version):
+                raise
 
     def register(
         self,
@@ -128,9 +401,10 @@ class TorchServeClient:
                 "max_batch_delay": batching.max_batch_delay_ms,
             }
         request = management_pb2.RegisterModelRequest(url=url, **options)
+        timeout = self.owner.register_timeout_s
         try:
             with self._call("register", model):
-                self._management.RegisterModel(request, timeout=self.register_timeout_s)
+                self._management.RegisterModel(request, timeout=timeout)
         except RefitError as exc:
             if "already exists" not in exc.message:
                 raise
@@ -139,27 +413,31 @@ class TorchServeClient:
             file_name = url.rsplit("/", 1)[-1].split("?", 1)[0]
             retry = management_pb2.RegisterModelRequest(url=file_name, **options)
             with self._call("register", model):
-                self._management.RegisterModel(retry, timeout=self.register_timeout_s)
+                self._management.RegisterModel(retry, timeout=timeout)
 
     def set_default(self, model: str, version: str) -> None:
         request = management_pb2.SetDefaultRequest(model_name=model, model_version=version)
         with self._call("set_default", f"{model} v{version}"):
-            self._management.SetDefault(request, timeout=self.timeout_s)
+            self._management.SetDefault(request, timeout=self.owner.timeout_s)
 
     def unregister(self, model: str, version: str) -> None:
         request = management_pb2.UnregisterModelRequest(model_name=model, model_version=version)
         with self._call("unregister", f"{model} v{version}"):
-            self._management.UnregisterModel(request, timeout=self.timeout_s)
+            self._management.UnregisterModel(request, timeout=self.owner.timeout_s)
 
-    @contextmanager
-    def _call(self, call: str, subject: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        except grpc.RpcError as exc:
-            self.observe(call, time.perf_counter() - start, exc.code().name)
-            raise _translate(exc, call, subject) from exc
-        self.observe(call, time.perf_counter() - start, None)
+    def _call(self, call: str, subject: str) -> AbstractContextManager[None]:
+        return _call(self.owner.observe, call, f"{subject} on {self.name}")
+
+
+@contextmanager
+def _call(observe: CallObserver, call: str, subject: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    except grpc.RpcError as exc:
+        observe(call, time.perf_counter() - start, exc.code().name)
+        raise _translate(exc, call, subject) from exc
+    observe(call, time.perf_counter() - start, None)
 
 
 def _translate(exc: grpc.RpcError, call: str, subject: str) -> RefitError:

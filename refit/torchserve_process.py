@@ -150,6 +150,15 @@ class TorchServeProcess:
             process.wait(10)
         _wait_group_gone(process.pid, 10.0)
 
+    def kill(self) -> None:
+        """A crash: SIGKILL to its whole process group (the Java server and its workers)."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        _signal_group(process.pid, signal.SIGKILL)
+        process.wait(10)
+        _wait_group_gone(process.pid, 10.0)
+
     def server_pid(self) -> int | None:
         """The Java server's pid (TorchServe's pid file, in our private TMPDIR)."""
         try:

@@ -1,14 +1,18 @@
-"""The model registry as the service sees it, and the loop that keeps TorchServe in step with it.
+"""The model registry as the service sees it, and the loops that keep TorchServe in step with it.
 
 The registry in the object store is the truth. The catalog caches it for the request path; the
-reconciler registers every published version with TorchServe and restores each default, at
-start-up, every ``REFIT_RECONCILE_INTERVAL_S`` and whenever a Predict finds TorchServe without a
-version, so a restarted TorchServe comes back complete.
+reconciler registers every published version with every TorchServe replica and restores each
+default there, at start-up, every ``REFIT_RECONCILE_INTERVAL_S`` and whenever something changed.
+A watch every ``REFIT_WATCH_INTERVAL_S`` notices the changes between passes: the registry's
+listing (a promotion made through another service replica), and a replica that stopped
+answering, lost its models (restarted), came back or joined (DNS). A replica found so leaves the
+Predict rotation at once; a pass registers everything on it and puts it back.
 
-Each version is reconciled on its own: one that TorchServe refuses (a broken archive) is reported
-(log, metrics, its registration in GetModel) and retried with exponential backoff, and the others
-go on. A model whose default names no version record is reported as the model's problem. The
-service is healthy when TorchServe serves the default of every model whose default has a record.
+Each version is reconciled on its own, on each replica: one that TorchServe refuses (a broken
+archive) is reported (log, metrics, its registration in GetModel) and retried with exponential
+backoff, and the others go on. A model whose default names no version record is reported as the
+model's problem. Predicts go to the replicas that serve every default whose version has a record
+(all reachable ones when none does), and the service is healthy while at least one does.
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from refit.errors import NotFound, RefitError, Unavailable
 from refit.identifiers import check_model_name
 from refit.registry import ModelNotFound, Registry, VersionRecord
 from refit.storage import ObjectStore
-from refit.torchserve import ServedVersion, TorchServeClient
+from refit.torchserve import ReplicaClient, ServedVersion, TorchServeClient
 from service import metrics
 
 log = logging.getLogger(__name__)
@@ -51,10 +55,12 @@ class ModelCatalog:
         self._lock = threading.Lock()
         self._miss_lock = threading.Lock()
         self._last_refresh = 0.0
+        self._listing: tuple[tuple[str, str], ...] | None = None
 
     def refresh(self) -> None:
         entries, errors = {}, {}
-        for name in self.registry.models():
+        listing = self.registry.listing()
+        for name in self.registry.models(listing):
             try:
                 versions = tuple(self.registry.versions(name))
                 entries[name] = ModelEntry(name, self.registry.default_version(name), versions)
@@ -67,10 +73,16 @@ class ModelCatalog:
             self._entries = entries
             self.errors = errors
             self._last_refresh = time.monotonic()
+            self._listing = listing
         metrics.observe_models(
             {e.name: len(e.versions) for e in entries.values()},
             {e.name: e.default_version for e in entries.values() if e.default_version},
         )
+
+    def changed(self) -> bool:
+        """Whether the registry changed since the last refresh: one listing of its keys and
+        etags, cheap enough to ask every second (a promotion made through another service)."""
+        return self.registry.listing() != self._listing
 
     def _refresh_after_miss(self) -> None:
         """Names not in the cache re-read the registry at most once per interval, whatever the
@@ -107,16 +119,18 @@ class ModelCatalog:
 
 
 REGISTERED, PENDING, FAILED = "registered", "pending", "failed"
+_SEVERITY = {REGISTERED: 0, PENDING: 1, FAILED: 2}
 
 
 @dataclass(frozen=True)
 class Registration:
-    """Whether TorchServe holds one version, as the last reconcile pass saw it."""
+    """Whether one TorchServe replica holds one version, as the last reconcile pass saw it."""
 
     state: str = PENDING
     error: str = ""
     attempts: int = 0  # failed attempts in a row
     retry_at: float = 0.0  # monotonic time of the next attempt after a failure
+    replica: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,6 +140,10 @@ class RetryPolicy:
 
     def delay(self, attempts: int) -> float:
         return min(self.first_s * 2 ** max(attempts - 1, 0), self.max_s)
+
+
+# (model, version) -> replica name -> its registration there
+Registrations = dict[tuple[str, str], dict[str, Registration]]
 
 
 class Reconciler:
@@ -144,17 +162,31 @@ class Reconciler:
         self.torchserve = torchserve
         self.retry = retry or RetryPolicy()
         self.clock = clock
-        self.healthy = threading.Event()  # set after a pass in which every default was served
-        self._registrations: dict[tuple[str, str], Registration] = {}
+        self.healthy = threading.Event()  # set after a pass in which a replica served every default
+        self._registrations: Registrations = {}
         self._problems: dict[str, str] = {}
+        self._reachable: dict[str, bool] = {}  # replica -> it answered in the last pass
+        self._rotation: set[str] = set()  # replicas that get Predicts
+        self._served_models: set[str] = set()  # models each replica in rotation must list
         self._lock = threading.Lock()
         self._wake = threading.Event()
 
     # --- what GetModel shows ---------------------------------------------------------------------
 
     def registration(self, model: str, version: str) -> Registration:
+        """The worst state over the replicas (failed, then pending), naming that replica when
+        there are several; ``registrations`` has each replica's own."""
+        states = self.registrations(model, version)
+        if not states:
+            return Registration()
+        worst = max(states, key=lambda r: _SEVERITY[r.state])
+        if len(states) > 1 and worst.state != REGISTERED:
+            return replace(worst, error=f"replica {worst.replica}: {worst.error or 'not loaded'}")
+        return worst
+
+    def registrations(self, model: str, version: str) -> list[Registration]:
         with self._lock:
-            return self._registrations.get((model, version), Registration())
+            return list(self._registrations.get((model, version), {}).values())
 
     def problem(self, model: str) -> str:
         with self._lock:
@@ -167,93 +199,186 @@ class Reconciler:
     # --- one pass --------------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """One pass; returns how many versions it registered. Raises only when TorchServe (or
-        the registry) cannot be reached at all: then nothing can be decided."""
+        """One pass over every replica; returns how many registrations it made. Raises only
+        when no replica (or the registry) can be reached: then nothing can be decided."""
         self.catalog.refresh()
-        served = {(v.model, v.version): v for v in self.torchserve.served_versions()}
-        registrations: dict[tuple[str, str], Registration] = {}
-        problems = dict(self.catalog.errors)
-        registered, healthy = 0, True
-        for entry in self.catalog.models():
-            records = sorted(entry.versions, key=lambda r: r.version != entry.default_version)
-            for record in records:  # the default first: it decides health
-                key = (entry.name, record.version)
-                registrations[key] = self._reconcile_version(record, served)
-                registered += key not in served and registrations[key].state == REGISTERED
-            problem = self._restore_default(entry, served, registrations)
-            if problem:
-                problems.setdefault(entry.name, problem)
-            default = (entry.name, entry.default_version or "")
-            if default in registrations and (problem or registrations[default].state != REGISTERED):
-                healthy = False  # its default has a record but is not served
+        entries = self.catalog.models()
+        registrations: Registrations = {}
+        troubles: dict[
+            str, dict[str, str]
+        ] = {}  # replica -> model -> why its default is not served
+        reachable: dict[str, bool] = {}
+        in_line: list[ReplicaClient] = []
+        registered = 0
+        for replica in self.torchserve.replicas():
+            try:
+                made, troubles[replica.name] = self._reconcile_replica(
+                    replica, entries, registrations
+                )
+            except Unavailable as exc:
+                reachable[replica.name] = False
+                self._mark_unreachable(replica, entries, registrations, exc.message)
+                continue
+            reachable[replica.name] = True
+            registered += made
+            if not troubles[replica.name]:
+                in_line.append(replica)
+        if not any(reachable.values()):
+            with self._lock:
+                self._reachable = reachable
+            metrics.observe_replicas(reachable, set())
+            raise Unavailable("no TorchServe replica answered; retrying")
+        problems, served_defaults = self._model_problems(entries, registrations, troubles)
+        rotation = in_line or [r for r in self.torchserve.replicas() if reachable.get(r.name)]
+        self.torchserve.set_rotation(rotation)
         with self._lock:
             self._registrations, self._problems = registrations, problems
+            self._reachable = reachable
+            self._rotation = {r.name for r in in_line}
+            self._served_models = served_defaults
         metrics.observe_registrations(
-            {key: reg.state for key, reg in registrations.items()}, problems
+            {
+                (model, version, replica): reg.state
+                for (model, version), states in registrations.items()
+                for replica, reg in states.items()
+            },
+            problems,
         )
-        if healthy:
+        metrics.observe_replicas(reachable, {r.name for r in in_line})
+        if in_line:
             self.healthy.set()
         else:
             self.healthy.clear()
         return registered
 
+    def _model_problems(
+        self,
+        entries: list[ModelEntry],
+        registrations: Registrations,
+        troubles: dict[str, dict[str, str]],
+    ) -> tuple[dict[str, str], set[str]]:
+        """Each model's problem (its records, or no replica serves its default), and the models
+        whose default some replica serves."""
+        problems = dict(self.catalog.errors)
+        served = set()
+        for entry in entries:
+            problem = _default_problem(entry)
+            if problem is None:
+                states = registrations.get((entry.name, entry.default_version or ""), {})
+                if any(
+                    reg.state == REGISTERED and entry.name not in troubles.get(name, {})
+                    for name, reg in states.items()
+                ):
+                    served.add(entry.name)
+                    continue
+                reasons = [t[entry.name] for t in troubles.values() if entry.name in t]
+                problem = reasons[0] if reasons else "its default is not loaded in TorchServe"
+            if problem:
+                problems.setdefault(entry.name, problem)
+        return problems, served
+
+    def _reconcile_replica(
+        self, replica: ReplicaClient, entries: list[ModelEntry], registrations: Registrations
+    ) -> tuple[int, dict[str, str]]:
+        """Every version and default on one replica. Returns the registrations it made and, per
+        model, why the replica does not serve its default (none: the replica is in line)."""
+        served = {(v.model, v.version): v for v in replica.served_versions()}
+        made, troubles = 0, {}
+        for entry in entries:
+            records = sorted(entry.versions, key=lambda r: r.version != entry.default_version)
+            for record in records:  # the default first: it decides whether the replica is in line
+                key = (entry.name, record.version)
+                state = self._reconcile_version(replica, record, served)
+                registrations.setdefault(key, {})[replica.name] = state
+                made += key not in served and state.state == REGISTERED
+            if _default_problem(entry) is not None:
+                continue  # no default, or one without a record: the model's problem
+            trouble = self._restore_default(replica, entry, served, registrations)
+            if trouble:
+                troubles[entry.name] = trouble
+        return made, troubles
+
+    def _mark_unreachable(
+        self,
+        replica: ReplicaClient,
+        entries: list[ModelEntry],
+        registrations: Registrations,
+        reason: str,
+    ) -> None:
+        log.warning("TorchServe replica %s is unreachable: %s", replica.name, reason)
+        for entry in entries:
+            for record in entry.versions:
+                previous = self._previous(record.model, record.version, replica.name)
+                registrations.setdefault((entry.name, record.version), {})[replica.name] = (
+                    Registration(PENDING, f"unreachable: {reason}", previous.attempts,
+                                 previous.retry_at, replica.name)
+                )  # fmt: skip
+
+    def _previous(self, model: str, version: str, replica: str) -> Registration:
+        with self._lock:
+            return self._registrations.get((model, version), {}).get(replica, Registration())
+
     def _reconcile_version(
-        self, record: VersionRecord, served: dict[tuple[str, str], ServedVersion]
+        self,
+        replica: ReplicaClient,
+        record: VersionRecord,
+        served: dict[tuple[str, str], ServedVersion],
     ) -> Registration:
         key = (record.model, record.version)
         if key in served:
-            return Registration(REGISTERED)
-        previous = self.registration(*key)
+            return Registration(REGISTERED, replica=replica.name)
+        previous = self._previous(*key, replica.name)
         if previous.state == FAILED and self.clock() < previous.retry_at:
             return previous  # backing off
-        log.info("registering %s v%s with TorchServe", *key)
+        log.info("registering %s v%s with TorchServe replica %s", *key, replica.name)
         try:
-            url = self.store.url(self.bucket, record.archive_key)
-            self.torchserve.register(record.model, url, batching=record.batching)
+            replica.ensure(
+                record.model,
+                record.version,
+                self.store.url(self.bucket, record.archive_key),
+                batching=record.batching,
+            )
         except Unavailable:
-            raise  # TorchServe itself is gone: end the pass
+            raise  # the replica itself is gone: the rest of its pass is moot
         except RefitError as exc:
             attempts = previous.attempts + 1
             delay = self.retry.delay(attempts)
             log.warning(
-                "TorchServe refused %s v%s (attempt %d; retrying in %.0fs): %s",
-                *key, attempts, delay, exc.message,
+                "TorchServe replica %s refused %s v%s (attempt %d; retrying in %.0fs): %s",
+                replica.name, *key, attempts, delay, exc.message,
             )  # fmt: skip
             metrics.REGISTRATION_FAILURES.labels(record.model).inc()
-            return Registration(FAILED, exc.message, attempts, self.clock() + delay)
-        return Registration(REGISTERED)
+            return Registration(FAILED, exc.message, attempts, self.clock() + delay, replica.name)
+        return Registration(REGISTERED, replica=replica.name)
 
     def _restore_default(
         self,
+        replica: ReplicaClient,
         entry: ModelEntry,
         served: dict[tuple[str, str], ServedVersion],
-        registrations: dict[tuple[str, str], Registration],
+        registrations: Registrations,
     ) -> str:
-        """Makes TorchServe's default the registry's; returns the model's problem, if any."""
-        default = entry.default_version
-        if default is None:
-            return ""
+        """Makes the replica's default the registry's; returns the trouble, if any."""
+        default = entry.default_version or ""
         key = (entry.name, default)
-        if key not in registrations:
-            return (
-                f"its default v{default} has no version record; "
-                f"make an existing version the default (`refit promote {entry.name} VERSION`)"
-            )
-        if registrations[key].state != REGISTERED:
+        if registrations[key][replica.name].state != REGISTERED:
             return f"its default v{default} is not loaded in TorchServe"
         current = served.get(key)
         if current is not None and current.is_default:
             return ""
         try:
-            self.torchserve.set_default(entry.name, default)
+            replica.set_default(entry.name, default)
         except Unavailable:
             raise
         except RefitError as exc:
-            log.warning("cannot make v%s the default of %s: %s", default, entry.name, exc.message)
+            log.warning(
+                "cannot make v%s the default of %s on %s: %s",
+                default, entry.name, replica.name, exc.message,
+            )  # fmt: skip
             return f"TorchServe did not make v{default} its default: {exc.message}"
         return ""
 
-    # --- the loop --------------------------------------------------------------------------------
+    # --- the loops -------------------------------------------------------------------------------
 
     def run_forever(self, interval_s: float, stop: threading.Event) -> None:
         failures = 0
@@ -272,7 +397,69 @@ class Reconciler:
             stop.wait(1.0)  # at most one pass a second, however often it is woken
             self._wake.wait(max(wait - 1.0, 0.0))
 
+    def watch_forever(self, interval_s: float, stop: threading.Event) -> None:
+        """Between passes: wakes a pass when the registry or a replica changed (module doc)."""
+        while not stop.wait(interval_s):
+            try:
+                registry_changed = self.catalog.changed()
+                if registry_changed:
+                    self.catalog.refresh()  # Predicts see a new default before the pass runs
+            except Exception as exc:
+                registry_changed = False
+                log.debug("registry watch failed: %s", getattr(exc, "message", None) or exc)
+            if registry_changed | self._replicas_changed():
+                self.wake()
+
+    def _replicas_changed(self) -> bool:
+        """A replica joined, left, died, lost its models or answers again. One in rotation that
+        fails the check leaves the rotation now, before the pass that brings it back in line."""
+        replicas = self.torchserve.replicas()
+        with self._lock:
+            reachable, rotation = dict(self._reachable), set(self._rotation)
+            expected = set(self._served_models)
+        changed = {r.name for r in replicas} != set(reachable)
+        failing = []
+        for replica in replicas:
+            try:
+                up, names = True, replica.model_names()
+            except RefitError:
+                up, names = False, set()
+            if replica.name in rotation and not (up and expected <= names):
+                failing.append(replica.name)
+            elif up and not reachable.get(replica.name, False):
+                changed = True
+        if failing:
+            log.warning("TorchServe replicas %s leave the rotation", ", ".join(failing))
+            with self._lock:
+                self._rotation -= set(failing)
+                rotation = set(self._rotation)
+            self.torchserve.set_rotation([r for r in replicas if r.name in rotation])
+            metrics.observe_replicas({**reachable, **dict.fromkeys(failing, False)}, rotation)
+        return changed or bool(failing)
+
     def _next_retry_in(self) -> float:
         with self._lock:
-            due = [r.retry_at for r in self._registrations.values() if r.state == FAILED]
+            due = [
+                r.retry_at
+                for states in self._registrations.values()
+                for r in states.values()
+                if r.state == FAILED
+            ]
+            unreachable = not all(self._reachable.values())
+        if unreachable:  # a replica is down: look again soon (the watch also wakes us)
+            due.append(self.clock() + self.retry.first_s)
         return max(min(due, default=float("inf")) - self.clock(), 0.0)
+
+
+def _default_problem(entry: ModelEntry) -> str | None:
+    """None when the model has a default with a record (the replicas must serve it); else ""
+    (no default: nothing to serve) or the model's problem."""
+    default = entry.default_version
+    if default is None:
+        return ""
+    if not any(record.version == default for record in entry.versions):
+        return (
+            f"its default v{default} has no version record; "
+            f"make an existing version the default (`refit promote {entry.name} VERSION`)"
+        )
+    return None

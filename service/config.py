@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 
 from refit.storage import StorageSettings
+from refit.torchserve import Targets
 from service.auth import AuthSettings
 
 MiB = 1 << 20
@@ -65,6 +66,9 @@ class ServiceSettings:
     upstream_timeout_s: float = 30.0  # per TorchServe inference call, capped by the client deadline
     register_timeout_s: float = 180.0  # registering a model starts a worker: seconds, not ms
     reconcile_interval_s: float = 30.0
+    # Between passes: the registry's listing and each TorchServe replica are checked this often
+    # (a promotion through another service replica, a replica that died, restarted or joined).
+    watch_interval_s: float = 1.0
     reconcile_retry_s: float = 2.0  # first wait before retrying a version TorchServe refused
     reconcile_retry_max_s: float = 300.0  # the backoff doubles up to this
     stream_window: int = 8  # PredictStream images in flight at once per call
@@ -79,6 +83,9 @@ class ServiceSettings:
     tls: TlsSettings = field(default_factory=TlsSettings)
 
     def __post_init__(self) -> None:
+        Targets.parse(self.torchserve_inference, self.torchserve_management)  # ValueError: bad
+        if self.watch_interval_s <= 0:
+            raise ValueError(f"REFIT_WATCH_INTERVAL_S must be > 0 (got {self.watch_interval_s})")
         if not 0 < self.max_streams < self.workers:
             raise ValueError(
                 f"REFIT_MAX_STREAMS ({self.max_streams}) must be between 1 and "
@@ -111,6 +118,7 @@ class ServiceSettings:
             reconcile_interval_s=float(
                 env.get("REFIT_RECONCILE_INTERVAL_S", defaults.reconcile_interval_s)
             ),
+            watch_interval_s=float(env.get("REFIT_WATCH_INTERVAL_S", defaults.watch_interval_s)),
             reconcile_retry_s=float(env.get("REFIT_RECONCILE_RETRY_S", defaults.reconcile_retry_s)),
             reconcile_retry_max_s=float(
                 env.get("REFIT_RECONCILE_RETRY_MAX_S", defaults.reconcile_retry_max_s)

@@ -56,14 +56,28 @@ REGISTRATION_FAILURES = Counter(
 )
 VERSIONS_NOT_SERVED = Gauge(
     "refit_model_versions_not_served",
-    "Published versions TorchServe does not hold, by model and registration state",
-    ["model", "state"],
+    "Published versions a TorchServe replica does not hold, by model, state and replica",
+    ["model", "state", "replica"],
+)
+# Per TorchServe replica (its management address). Set from scratch on every reconcile pass, so
+# replicas that left (a DNS name resolves to fewer) drop out: as many series as replicas.
+REPLICA_UP = Gauge(
+    "refit_torchserve_replica_up", "1 while a TorchServe replica answers the service", ["replica"]
+)
+REPLICA_IN_ROTATION = Gauge(
+    "refit_torchserve_replica_in_rotation",
+    "1 while a TorchServe replica serves every default and gets Predicts",
+    ["replica"],
 )
 MODEL_PROBLEM = Gauge(
     "refit_model_problem",
     "1 while a model cannot be served as published (GetModel says why)",
     ["model"],
 )
+
+
+def observe_payload(method: str, image_bytes: int) -> None:
+    PAYLOAD_BYTES.labels(method).observe(image_bytes)
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -125,14 +139,25 @@ def observe_upstream(call: str, seconds: float, error_code: str | None) -> None:
         UPSTREAM_ERRORS.labels(call, error_code).inc()
 
 
-def observe_registrations(states: dict[tuple[str, str], str], problems: dict[str, str]) -> None:
-    """The reconciler's view: versions TorchServe lacks (pending or failed), models in trouble."""
+def observe_registrations(
+    states: dict[tuple[str, str, str], str], problems: dict[str, str]
+) -> None:
+    """The reconciler's view: versions each replica lacks (pending or failed), models in trouble."""
     VERSIONS_NOT_SERVED.clear()
     MODEL_PROBLEM.clear()
-    for (model, _), state in states.items():
-        VERSIONS_NOT_SERVED.labels(model, "pending").inc(0)
-        VERSIONS_NOT_SERVED.labels(model, "failed").inc(0)
+    for (model, _, replica), state in states.items():
+        VERSIONS_NOT_SERVED.labels(model, "pending", replica).inc(0)
+        VERSIONS_NOT_SERVED.labels(model, "failed", replica).inc(0)
         if state != "registered":
-            VERSIONS_NOT_SERVED.labels(model, state).inc()
+            VERSIONS_NOT_SERVED.labels(model, state, replica).inc()
     for model in problems:
         MODEL_PROBLEM.labels(model).set(1)
+
+
+def observe_replicas(reachable: dict[str, bool], rotation: set[str]) -> None:
+    """Which TorchServe replicas answer, and which get Predicts."""
+    REPLICA_UP.clear()
+    REPLICA_IN_ROTATION.clear()
+    for replica, up in reachable.items():
+        REPLICA_UP.labels(replica).set(int(up))
+        REPLICA_IN_ROTATION.labels(replica).set(int(replica in rotation))

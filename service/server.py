@@ -45,7 +45,7 @@ class RefitServer:
     trainer: TrainerClient
     monitor: JobMonitor
 
-    def start(self, reconcile_interval_s: float) -> None:
+    def start(self, reconcile_interval_s: float, watch_interval_s: float = 1.0) -> None:
         self.server.start()
         threading.Thread(target=self._watch_health, daemon=True, name="health").start()
         threading.Thread(
@@ -53,6 +53,12 @@ class RefitServer:
             args=(reconcile_interval_s, self.stop_event),
             daemon=True,
             name="reconciler",
+        ).start()
+        threading.Thread(
+            target=self.reconciler.watch_forever,
+            args=(watch_interval_s, self.stop_event),
+            daemon=True,
+            name="watch",
         ).start()
         threading.Thread(
             target=self.monitor.run_forever, args=(self.stop_event,), daemon=True, name="jobs"
@@ -68,7 +74,7 @@ class RefitServer:
         self.trainer.close()
 
     def _watch_health(self) -> None:
-        """SERVING while TorchServe serves every model's default (see service/catalog.py)."""
+        """SERVING while a TorchServe replica serves every model's default (service/catalog.py)."""
         while not self.stop_event.is_set():
             ready = self.reconciler.healthy.is_set()
             status = health_pb2.HealthCheckResponse
@@ -150,7 +156,7 @@ def main() -> None:
     host, _, port = settings.metrics_address.rpartition(":")
     start_http_server(int(port), addr=host)
     refit = build_server(settings)
-    refit.start(settings.reconcile_interval_s)
+    refit.start(settings.reconcile_interval_s, settings.watch_interval_s)
     log.info(
         "refit service on %s (%s; metrics on %s)",
         settings.grpc_address,

@@ -15,6 +15,7 @@ from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.catalog import FAILED, REGISTERED, ModelCatalog, ModelEntry, Reconciler
 from service.jobs import Jobs
+from service.metrics import observe_payload
 from service.predictions import Predictor, PredictResult, ordered_map
 
 
@@ -37,7 +38,7 @@ class RefitServicer(refit_pb2_grpc.RefitServicer):
     def Predict(
         self, request: pb.PredictRequest, context: grpc.ServicerContext
     ) -> pb.PredictResponse:
-        result = self._predict(request, context)
+        result = self._predict(request, context, "Predict")
         return _predict_response(request.request_id, result)
 
     def PredictStream(
@@ -45,7 +46,8 @@ class RefitServicer(refit_pb2_grpc.RefitServicer):
     ) -> Iterator[pb.PredictResponse]:
         def answer(request: pb.PredictRequest) -> pb.PredictResponse:
             try:
-                return _predict_response(request.request_id, self._predict(request, context))
+                result = self._predict(request, context, "PredictStream")
+                return _predict_response(request.request_id, result)
             except Exception as exc:
                 code, message = to_status(exc)
                 error = pb.Error(code=code.name, message=message)
@@ -94,7 +96,10 @@ class RefitServicer(refit_pb2_grpc.RefitServicer):
     ) -> pb.Model:
         return _model(self.jobs.delete_version(request.model, request.version), self.reconciler)
 
-    def _predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> PredictResult:
+    def _predict(
+        self, request: pb.PredictRequest, context: grpc.ServicerContext, method: str
+    ) -> PredictResult:
+        observe_payload(method, len(request.image))
         return self.predictor.predict(
             request.image,
             request.model,
@@ -129,13 +134,23 @@ def _model(entry: ModelEntry, reconciler: Reconciler) -> pb.Model:
         version.registration = _REGISTRATIONS.get(registration.state, pb.ModelVersion.PENDING)
         version.registration_error = registration.error
         version.registration_attempts = registration.attempts
+        version.replicas.extend(
+            pb.ReplicaRegistration(
+                replica=r.replica,
+                registration=_REGISTRATIONS.get(r.state, pb.ModelVersion.PENDING),
+                error=r.error,
+                attempts=r.attempts,
+            )
+            for r in reconciler.registrations(entry.name, record.version)
+        )
         versions.append(version)
     default = next((v for v in versions if v.is_default), None)
     return pb.Model(
         name=entry.name,
         default_version=entry.default_version or "",
         versions=versions,
-        default_served=default is not None and default.registration == pb.ModelVersion.REGISTERED,
+        default_served=default is not None
+        and any(r.registration == pb.ModelVersion.REGISTERED for r in default.replicas),
         problem=reconciler.problem(entry.name),
     )
 

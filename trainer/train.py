@@ -54,6 +54,7 @@ from trainer.hardware import (
     check_ranks_agree,
     loader_workers,
     setup_hardware,
+    sum_across_ranks,
     sync_buffers,
     teardown,
 )
@@ -271,13 +272,14 @@ def fit(
             _run_phase(loop, phase, progress, saved)
     model.load_state_dict(progress.best_state)
     seconds = time.perf_counter() - started
+    images = sum_across_ranks(torch.tensor([float(loop.images)]), hw).item()  # the whole job's
     return FitResult(
         best_epoch=progress.best_epoch,
         best=EvalResult(**progress.best_eval),
         history=progress.history,
         epochs_run=progress.next_epoch,
         train_seconds=seconds,
-        images_per_second=loop.images / seconds if seconds else 0.0,
+        images_per_second=images / seconds if seconds else 0.0,
         stopped_early=progress.stopped_early,
     )
 
@@ -471,8 +473,9 @@ def _update_metrics(epoch: int, stats: EpochStats, result: EvalResult, hw: Hardw
     metrics.TRAINER_ACCURACY.labels("val").set(result.accuracy)
     metrics.TRAINER_IMAGES_PER_SECOND.set(stats.images_per_second)
     metrics.TRAINER_DATA_WAIT_RATIO.set(stats.data_wait_ratio)
-    if hw.device.type == "cuda":
-        metrics.TRAINER_GPU_MEMORY_BYTES.set(torch.cuda.max_memory_allocated(hw.device))
+    # 0 on CPU, as documented: an absent series would leave the panel saying nothing.
+    gpu_bytes = torch.cuda.max_memory_allocated(hw.device) if hw.device.type == "cuda" else 0
+    metrics.TRAINER_GPU_MEMORY_BYTES.set(gpu_bytes)
 
 
 # --- the whole job -------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 as a TorchServe archive and store it (content-addressed), with a progress bar.
 
 The store comes from the environment (``StorageSettings.from_env()``). The parser is built from
-``trainer.config`` (no torch import); torch loads only when the command runs. Several processes:
-``torchrun --nproc-per-node N -m trainer.train`` takes the same options.
+``trainer.config`` (no torch import); torch loads only when the command runs. ``--nproc-per-node
+N`` trains as N processes under torchrun (DDP), and ``--nnodes``/``--rdzv-endpoint`` across hosts,
+each running the same command (trainer/jobs/processes.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import sys
 
+from refit.errors import RefitError
 from refit.identifiers import InvalidIdentifier
 from refit.registry import RegistryError
 from refit.storage import StorageError, StorageSettings
@@ -24,6 +26,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train", help="fine-tune, package and store a classifier for a dataset"
     )
     add_arguments(parser)
+    a = parser.add_argument
+    a(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="training processes on this host, under torchrun (DDP): one per GPU, or a few on CPU",
+    )
+    a("--nnodes", type=int, default=1, help="hosts in the run, each running this same command")
+    a(
+        "--rdzv-endpoint",
+        default=None,
+        metavar="HOST:PORT",
+        help="where the hosts meet (torchrun's c10d rendezvous), with --nnodes > 1",
+    )
+    a("--rdzv-id", default=None, help="the run's name at the rendezvous (default: refit-OUT)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_train)
@@ -35,21 +52,19 @@ def run_train(args: argparse.Namespace) -> int:
     from trainer.data import DatasetError
     from trainer.engine import TrainingCancelled
     from trainer.progress import TqdmProgress
-    from trainer.train import train_and_package
 
     try:
         config = config_from_args(args)
-        store = StorageSettings.from_env().open()
         with TqdmProgress(disable=args.quiet) as progress:
-            result = train_and_package(config, store, on_event=progress)
+            result = _train(config, args, progress)
     except (BackboneError, DatasetError, StorageError, RegistryError, InvalidIdentifier,
-            TrainingCancelled) as exc:  # fmt: skip
+            TrainingCancelled, RefitError) as exc:  # fmt: skip
         print(f"refit train: {exc.message}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"refit train: {exc}", file=sys.stderr)
         return 1
-    if result is None:  # not rank 0 of a distributed run
+    if result is None:  # rank 0 ran on another host
         return 0
     if args.json:
         print(json.dumps(_summary(result, config.bucket), indent=1))
@@ -60,6 +75,23 @@ def run_train(args: argparse.Namespace) -> int:
             f" -> s3://{config.bucket}/{result.archive_key}"
         )
     return 0
+
+
+def _train(config, args: argparse.Namespace, progress):
+    """In this process, or as torchrun processes when asked for more than one."""
+    from trainer.jobs.processes import Launch, train_in_processes
+    from trainer.train import train_and_package
+
+    settings = StorageSettings.from_env()
+    if args.nproc_per_node == 1 and args.nnodes == 1:
+        return train_and_package(config, settings.open(), on_event=progress)
+    launch = Launch(
+        args.nproc_per_node,
+        nnodes=args.nnodes,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id or f"refit-{config.out}",
+    )
+    return train_in_processes(config, launch, settings, on_event=progress)
 
 
 def _summary(result: object, bucket: str) -> dict:

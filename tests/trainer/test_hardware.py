@@ -1,24 +1,12 @@
-"""Device selection, and a real 2-process DDP run on CPU (torchrun, gloo, free port)."""
+"""Device selection and rank agreement. A real 2-process DDP run on CPU (torchrun, gloo) is
+tests/refit/cli/test_train.py's ``refit train --nproc-per-node 2``."""
 
 from __future__ import annotations
-
-import os
-import re
-import subprocess
-import sys
-import uuid
-from pathlib import Path
 
 import pytest
 import torch
 
-from refit.registry import Registry
-from refit.storage import S3Store
-from tests.conftest import MotoServer, free_port
-from tests.trainer.synthetic import upload_colours
 from trainer.hardware import Hardware, check_ranks_agree, loader_workers, setup_hardware
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cpu_fallback_uses_fp32_and_no_process_group() -> None:
@@ -44,33 +32,3 @@ def test_weights_digest_changes_with_any_tensor() -> None:
     before = check_ranks_agree(model, hw)
     model.running_mean[1] = 0.5
     assert check_ranks_agree(model, hw) != before
-
-
-@pytest.mark.integration
-def test_two_process_ddp_run_completes_and_ranks_agree(moto_server: MotoServer) -> None:
-    store = S3Store(moto_server.settings)
-    bucket = f"ddp-{uuid.uuid4().hex[:10]}"
-    uri = upload_colours(store, bucket, "colours", train=8, val=4, size=32)
-    settings = moto_server.settings
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "MINIO_ENDPOINT": settings.endpoint,
-        "MINIO_ACCESS_KEY": settings.access_key,
-        "MINIO_SECRET_KEY": settings.secret_key,
-        "OMP_NUM_THREADS": "1",
-    }
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    command = [
-        torchrun, "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "trainer.train",
-        "--dataset", uri, "--out", "ddp", "--bucket", bucket, "--epochs", "2",
-        "--batch-size", "4", "--crop-size", "32", "--workers", "0", "--device", "cpu",
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    digests = dict(re.findall(r"rank (\d)/2: trained weights sha256 (\w+)", done.stderr))
-    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
-    archives = [o.key for o in store.list(bucket, "archives/ddp/")]
-    assert len(archives) == 1 and archives[0] == Registry.archive_key("ddp", archives[0][-68:-4])
-    assert store.stat(bucket, next(store.list(bucket, "checkpoints/")).key) is not None

@@ -7,6 +7,9 @@ interrupts while publishing resumes from that record without training again, and
 outage only makes the job wait (it says so in its ``detail``). An object store that stops
 answering mid-training interrupts the job, which runs again from its checkpoint (see manager.py).
 The checkpoint is deleted once the version is published.
+
+With ``REFIT_TRAINER_PROCESSES_PER_JOB`` > 1 the training runs as that many torchrun processes
+(trainer/jobs/processes.py); everything else here is the same for both.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from dataclasses import replace
 from refit.errors import InvalidArgument, RefitError
 from refit.publish import Publisher
 from refit.registry import Batching, Registry, RegistryError, VersionRecord, check_model_name
-from refit.storage import NoSuchBucket, NoSuchObject, ObjectStore, S3Uri, StorageError
+from refit.storage import ObjectStore, S3Uri
 from trainer.config import TrainConfig
 from trainer.jobs.admission import check_dataset, check_hyperparameters, check_starting_point
+from trainer.jobs.failures import describe, is_outage, is_store_error, training_error
 from trainer.jobs.manager import JobContext
 from trainer.jobs.records import (
     EXPORTING,
@@ -98,11 +102,11 @@ class TrainingRunner:
     def run(self, job: JobRecord, context: JobContext) -> None:
         try:
             self._run(job, context)
-        except (JobCancelled, JobFailed):
+        except (JobCancelled, JobFailed, JobInterrupted):
             raise
         except Exception as exc:
-            if _is_outage(exc):
-                raise JobInterrupted(f"the object store did not answer: {_describe(exc)}") from exc
+            if is_outage(exc):
+                raise JobInterrupted(f"the object store did not answer: {describe(exc)}") from exc
             raise
 
     def _run(self, job: JobRecord, context: JobContext) -> None:
@@ -157,24 +161,23 @@ class TrainingRunner:
         return record if record.lineage.get("job_id") == job.id else None
 
     def _train(self, config: TrainConfig, context: JobContext):
-        from trainer.backbones import BackboneError
-        from trainer.data import DatasetError
-        from trainer.engine import TrainingCancelled
+        sink = _ProgressSink(context, self.settings.log_every)
+        if self.settings.processes_per_job > 1:
+            from trainer.jobs.processes import Launch, train_in_processes
+
+            return train_in_processes(
+                config, Launch(self.settings.processes_per_job), self.settings.storage,
+                on_event=sink, cancelled=context.cancelled, wait=context.wait,
+            )  # fmt: skip
         from trainer.train import train_and_package
 
-        sink = _ProgressSink(context, self.settings.log_every)
         try:
             return train_and_package(config, self.store, on_event=sink, cancel=context.cancelled)
-        except TrainingCancelled as exc:
-            raise JobCancelled(exc.message) from exc
         except Exception as exc:
-            if _is_outage(exc):
-                raise  # run() turns it into JobInterrupted
-            if isinstance(exc, BackboneError | DatasetError | StorageError | RegistryError):
-                raise JobFailed(exc.message) from exc
-            if isinstance(exc, ValueError):
-                raise JobFailed(str(exc)) from exc
-            raise
+            error = training_error(exc)
+            if error is None:
+                raise
+            raise error from exc
 
     def _publish(self, record: VersionRecord, baseline, force: bool, context: JobContext):
         def wait(reason: str, seconds: float) -> None:
@@ -192,35 +195,12 @@ class TrainingRunner:
         except RefitError as exc:
             raise JobFailed(f"publishing v{record.version} failed: {exc.message}") from exc
         except Exception as exc:
-            if not _is_outage(exc) and _is_store_error(exc):  # e.g. the record's write refused
+            if not is_outage(exc) and is_store_error(exc):  # e.g. the record's write refused
                 raise JobFailed(
                     f"publishing v{record.version} failed: the object store refused it "
-                    f"({_describe(exc)})"
+                    f"({describe(exc)})"
                 ) from exc
             raise
-
-
-def _is_outage(exc: BaseException) -> bool:
-    """The object store did not answer (connection refused or reset, timeouts, 5xx, reads that
-    ran out of retries): worth running the job again later, unlike a refusal or a missing key."""
-    from trainer.data.errors import ReadFailed
-    from trainer.data.retry import is_transient
-
-    if isinstance(exc, NoSuchObject | NoSuchBucket):
-        return False
-    return isinstance(exc, ReadFailed | StorageError) or is_transient(exc)
-
-
-def _is_store_error(exc: BaseException) -> bool:
-    from minio.error import MinioException
-    from urllib3.exceptions import HTTPError
-
-    return isinstance(exc, MinioException | HTTPError | OSError)
-
-
-def _describe(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
-    return f"{code}: {exc}" if isinstance(code, str) else f"{type(exc).__name__}: {exc}"
 
 
 class _ProgressSink:

@@ -19,6 +19,7 @@ class TrainerSettings:
     gate_margin: float = 0.0  # a candidate needs val_accuracy >= default's + this
     device: str = "auto"
     loader_workers: int | None = None  # DataLoader processes per job; None: by host
+    processes_per_job: int = 1  # > 1: each job trains as that many torchrun processes (DDP)
     weights_uri: str = "s3://models/backbones/"
     max_attempts: int = 3  # runs a job gets (trainer restarts, store outages) before it fails
     retry_backoff_s: float = 10.0  # first wait before a job hit by a store outage runs again
@@ -33,6 +34,12 @@ class TrainerSettings:
     batching: Batching = field(default_factory=Batching)  # of new versions, unless asked
     storage: StorageSettings = field(default_factory=StorageSettings)
 
+    def __post_init__(self) -> None:
+        if self.processes_per_job < 1:
+            raise ValueError(
+                f"REFIT_TRAINER_PROCESSES_PER_JOB must be 1 or more, got {self.processes_per_job}"
+            )
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> TrainerSettings:
         env = dict(os.environ if env is None else env)
@@ -46,6 +53,7 @@ class TrainerSettings:
             gate_margin=float(env.get("REFIT_GATE_MARGIN", d.gate_margin)),
             device=env.get("REFIT_TRAINER_DEVICE", d.device),
             loader_workers=_optional_int(env.get("REFIT_TRAINER_LOADER_WORKERS", "auto")),
+            processes_per_job=int(env.get("REFIT_TRAINER_PROCESSES_PER_JOB", d.processes_per_job)),
             weights_uri=env.get("REFIT_WEIGHTS_URI", d.weights_uri),
             max_attempts=int(env.get("REFIT_TRAINER_MAX_ATTEMPTS", d.max_attempts)),
             retry_backoff_s=float(env.get("REFIT_TRAINER_RETRY_BACKOFF_S", d.retry_backoff_s)),

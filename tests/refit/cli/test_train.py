@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,23 @@ def test_train_command_rejects_an_unknown_backbone(
     uri = upload_colours(store, "data", "colours", train=2, val=1, size=16)
     assert main(["train", "--dataset", uri, "--out", "x", "--backbone", "vgg"]) == 1
     assert "unknown backbone 'vgg'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_train_command_runs_as_two_processes_whose_ranks_agree(
+    store: FileStore, capfd: pytest.CaptureFixture[str]
+) -> None:
+    uri = upload_colours(store, "data", "colours", train=8, val=4, size=32)
+    argv = ["train", "--dataset", uri, "--out", "duo", "--epochs", "2", "--batch-size", "4",
+            "--crop-size", "32", "--workers", "0", "--device", "cpu", "--nproc-per-node", "2",
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capfd.readouterr()
+    digests = dict(re.findall(r"rank (\d)/2: trained weights sha256 (\w+)", err))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], err[-3000:]
+    result = json.loads(out)
+    assert result["version"] == "1" and result["lineage"]["dataset_uri"] == uri
+    assert store.stat("refit", result["archive"].removeprefix("s3://refit/")) is not None
+    metrics = result["metrics"]  # both ranks' images: 32 training images, 2 epochs
+    assert metrics["images_per_second"] * metrics["train_seconds"] == pytest.approx(64)
+    assert "epoch 2/2" in err  # the progress bar, fed by rank 0's events

@@ -1,0 +1,209 @@
+"""The compose stack on a real Docker engine, checked from the host through the published ports.
+
+Every image is built from this checkout (Dockerfile targets service, torchserve, trainer) and
+the stack runs docker-compose.yml with docker-compose.test.yml, which replaces only images this
+machine cannot obtain (MinIO by a local S3 server image, Prometheus by Debian's; Grafana is not
+started). Run by `make test-containers`, never by `make test`: it needs an engine, and about
+20 minutes on two loaded cores with no build cache, 4 with one (docs/benchmarks.md,
+"Containers"). The tests run in file order on one stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from deploy.containers.stack import ComposeStack, docker
+
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(3600)]
+
+REFIT_IMAGES = ("refit-service:local", "refit-torchserve:local", "refit-trainer:local")
+SERVICE_IMAGE_LIMIT_MB = 400
+# Containers of the long-running services (the one-shot jobs have exited by now).
+RUNNING = ("minio", "torchserve", "trainer-cpu", "service", "prometheus")
+NO_HOST_PORTS = ("minio", "torchserve", "trainer-cpu")
+COFFEE_LABELS = {"espresso", "cup", "coffee mug"}
+# After TorchServe's main process is killed: Docker restarts it, TorchServe starts, and the
+# service's reconciler (every REFIT_RECONCILE_INTERVAL_S = 30 s) registers every version again.
+RECOVERY_BOUND_S = 180
+CLASSES = {"red": (200, 30, 30), "blue": (30, 30, 200)}
+IMAGES_PER_CLASS = 8
+
+REFIT_CLI = str(Path(sys.executable).with_name("refit"))
+
+
+def refit(stack: ComposeStack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The refit CLI on the host, against the stack's published port, as an admin."""
+    return subprocess.run(
+        [REFIT_CLI, *args],
+        env={**os.environ, **stack.cli_env()},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def image_megabytes(image: str) -> float:
+    return json.loads(docker("image", "inspect", image))[0]["Size"] / 1e6
+
+
+def test_service_image_holds_no_torch_and_is_small(stack, figures):
+    for image in REFIT_IMAGES:
+        figures[f"image {image}"] = f"{image_megabytes(image):,.0f} MB"
+    probe = "import importlib.util as u; print(u.find_spec('torch') is None)"
+    assert docker("run", "--rm", REFIT_IMAGES[0], "python", "-c", probe).strip() == "True"
+    assert image_megabytes(REFIT_IMAGES[0]) <= SERVICE_IMAGE_LIMIT_MB
+
+
+@pytest.mark.parametrize("image", REFIT_IMAGES)
+def test_images_run_as_numeric_non_root_users_with_healthchecks(stack, image):
+    config = json.loads(docker("image", "inspect", image))[0]["Config"]
+    user = config["User"].split(":")[0]
+    assert user.isdigit() and user != "0", config["User"]
+    assert config["Healthcheck"]["Test"][0] == "CMD", config["Healthcheck"]
+
+
+def test_health_is_serving_through_the_published_port(stack):
+    with grpc.insecure_channel(stack.address) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_cli_predicts_the_coffee_photo(stack, coffee_jpeg, tmp_path):
+    photo = tmp_path / "coffee.jpg"
+    photo.write_bytes(coffee_jpeg)
+    result = refit(stack, "predict", str(photo), "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    top5 = {p["label"] for p in answer["predictions"]}
+    assert top5 & COFFEE_LABELS, top5
+    assert (answer["model"], answer["version"]) == ("imagenet", "1")
+
+
+def test_containers_run_as_non_root(stack):
+    for service in RUNNING:
+        container = stack.container(service)
+        uid = docker("exec", container, "id", "-u").strip()
+        assert uid.isdigit() and uid != "0", f"{service} runs as uid {uid}"
+
+
+def test_only_the_api_and_prometheus_are_published_on_loopback(stack):
+    for service in NO_HOST_PORTS:
+        ports = stack.inspect(stack.container(service))["NetworkSettings"]["Ports"] or {}
+        assert all(binding is None for binding in ports.values()), f"{service}: {ports}"
+    published = {
+        "service": ("50051/tcp", stack.grpc_port),
+        "prometheus": ("9090/tcp", stack.prometheus_port),
+    }
+    for service, (port, host_port) in published.items():
+        ports = stack.inspect(stack.container(service))["NetworkSettings"]["Ports"]
+        bound = [b for bindings in ports.values() if bindings for b in bindings]
+        assert bound == [{"HostIp": "127.0.0.1", "HostPort": str(host_port)}], ports
+        assert ports[port] == bound
+
+
+def test_prometheus_scrapes_every_target(stack):
+    deadline = time.monotonic() + 120  # the first scrape comes within one 15 s interval
+    while True:
+        with urllib.request.urlopen(f"{stack.prometheus_url}/api/v1/targets", timeout=10) as r:
+            targets = json.load(r)["data"]["activeTargets"]
+        health = {t["labels"]["job"]: t["health"] for t in targets}
+        if set(health.values()) == {"up"} or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert health == {"refit-service": "up", "refit-trainer": "up", "torchserve": "up"}
+
+
+def labelled_images(root: Path) -> Path:
+    """A few small PNGs per class: a colour with noise, which one epoch can learn."""
+    rng = random.Random(7)
+    for name, colour in CLASSES.items():
+        (root / name).mkdir(parents=True)
+        for n in range(IMAGES_PER_CLASS):
+            pixels = bytes(
+                max(0, min(255, c + rng.randint(-40, 40))) for _ in range(48 * 48) for c in colour
+            )
+            Image.frombytes("RGB", (48, 48), pixels).save(root / name / f"{n}.png")
+    return root
+
+
+def aws(stack: ComposeStack, *args: str, mount: Path | None = None) -> str:
+    """awscli (from the S3 stand-in image) in a container on the stack's backend network."""
+    volume = ["-v", f"{mount}:/data:ro"] if mount else []
+    keys = ["-e", "AWS_ACCESS_KEY_ID=uploader", "-e", "AWS_SECRET_ACCESS_KEY=uploader"]
+    return docker(
+        "run", "--rm", "--network", stack.network, *volume, *keys,
+        "-e", "AWS_DEFAULT_REGION=us-east-1", "refit-test-s3:local",
+        "aws", "--endpoint-url", "http://minio:9000", *args,
+    )  # fmt: skip
+
+
+def test_minio_init_created_the_buckets(stack):
+    buckets = {b["Name"] for b in json.loads(aws(stack, "s3api", "list-buckets"))["Buckets"]}
+    assert {"refit", "datasets", "models"} <= buckets
+
+
+def test_retrain_from_uploaded_images_publishes_a_new_version(stack, tmp_path, figures):
+    dataset = labelled_images(tmp_path / "colours")
+    aws(stack, "s3", "cp", "--recursive", "--only-show-errors", "/data", "s3://datasets/colours",
+        mount=dataset)  # fmt: skip
+    listed = aws(stack, "s3", "ls", "--recursive", "s3://datasets/colours/")
+    assert len(listed.splitlines()) == len(CLASSES) * IMAGES_PER_CLASS
+
+    started = time.monotonic()
+    result = refit(
+        stack, "retrain", "--model", "colours", "--dataset", "s3://datasets/colours",
+        "--epochs", "1", "--crop-size", "64", "--batch-size", "8", "--watch", "--json",
+        timeout=1200,
+    )  # fmt: skip
+    figures["retrain (1 epoch, 16 images) Retrain to SUCCEEDED"] = (
+        f"{time.monotonic() - started:.0f} s"
+    )
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    job = events[-1]["job"] if events else {}
+    assert result.returncode == 0 and job.get("state") == "SUCCEEDED", (result.stderr, job)
+
+    red = tmp_path / "red.png"
+    Image.new("RGB", (48, 48), CLASSES["red"]).save(red)
+    predicted = refit(stack, "predict", str(red), "--model", "colours", "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    answer = json.loads(predicted.stdout)
+    assert (answer["model"], answer["version"]) == ("colours", job["version"])
+    assert {p["label"] for p in answer["predictions"]} == set(CLASSES)
+
+
+def test_torchserve_restarts_by_policy_after_a_crash(stack, coffee_jpeg, figures):
+    # Docker treats `docker kill` as an operator's stop and never restarts after it (any
+    # policy); a crash is its main process dying, as the kernel's OOM killer would do it.
+    container = stack.container("torchserve")
+    before = stack.inspect(container)
+    os.kill(before["State"]["Pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    deadline = killed + RECOVERY_BOUND_S
+    while stack.inspect(container)["RestartCount"] == before["RestartCount"]:
+        assert time.monotonic() < deadline, "Docker did not restart TorchServe"
+        time.sleep(0.5)
+    figures["TorchServe restarted by Docker after"] = f"{time.monotonic() - killed:.1f} s"
+    answer = stack.wait_until_predicts(coffee_jpeg, timeout=deadline - time.monotonic())
+    recovered = time.monotonic() - killed
+    figures["Predict answers again after the TorchServe crash"] = f"{recovered:.0f} s"
+    assert answer.version == "1" and recovered < RECOVERY_BOUND_S
+
+
+def test_down_leaves_nothing_behind(stack):
+    stack.down()
+    assert stack.leftovers() == {"containers": [], "volumes": [], "networks": []}

@@ -1,0 +1,68 @@
+"""TorchServe targets: one replica, a list, or a DNS name that resolves to many (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+
+from refit import torchserve
+from refit.torchserve import Replica, Targets, balanced_target
+
+
+def test_one_host_port_is_one_replica_and_the_channel_target_as_given() -> None:
+    targets = Targets.parse("ts:7070", "ts:7071")
+    assert targets.replicas() == [Replica("ts:7071", "ts:7070", "ts:7071")]
+    assert targets.initial_inference_target() == "ts:7070"  # today's channel, unchanged
+
+
+def test_a_list_pairs_inference_and_management_in_order() -> None:
+    targets = Targets.parse("127.0.0.1:1,127.0.0.2:3", "127.0.0.1:2, 127.0.0.2:4")
+    assert targets.replicas() == [
+        Replica("127.0.0.1:2", "127.0.0.1:1", "127.0.0.1:2"),
+        Replica("127.0.0.2:4", "127.0.0.2:3", "127.0.0.2:4"),
+    ]
+    assert targets.initial_inference_target() == "ipv4:127.0.0.1:1,127.0.0.2:3"
+
+
+def test_a_list_of_host_names_is_balanced_over_their_addresses() -> None:
+    assert balanced_target(["localhost:7070", "127.0.0.2:7070"]) == (
+        "ipv4:127.0.0.1:7070,127.0.0.2:7070"
+    )
+
+
+def test_a_dns_name_is_every_address_it_resolves_to_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    addresses = ["10.0.0.1", "10.0.0.2"]
+    monkeypatch.setattr(torchserve, "resolve_ipv4", lambda host: list(addresses))
+    targets = Targets.parse("dns:///torchserve:7070", "dns:///torchserve:7071")
+    assert [r.name for r in targets.replicas()] == ["10.0.0.1:7071", "10.0.0.2:7071"]
+    assert targets.replicas()[1].inference == "10.0.0.2:7070"
+    addresses.append("10.0.0.3")  # a replica joined: seen on the next call
+    assert len(targets.replicas()) == 3
+    assert targets.initial_inference_target() == "dns:///torchserve:7070"
+
+
+@pytest.mark.parametrize(
+    ("inference", "management", "message"),
+    [
+        ("a:1,b:1", "a:2", "lists 2 replicas and _MANAGEMENT 1"),
+        ("dns:///ts:1", "ts:2", "must both be dns:///"),
+        ("dns:///ts:1", "dns:///other:2", "must name the same host"),
+        ("ts", "ts:2", "is not HOST:PORT"),
+        ("ts:0", "ts:2", "is not HOST:PORT"),
+        ("ts:1,", "ts:2,ts:3", "is not HOST:PORT"),
+    ],
+)
+def test_bad_targets_are_refused_with_what_to_fix(inference, management, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        Targets.parse(inference, management)
+
+
+def test_the_service_refuses_bad_targets_at_start() -> None:
+    from service.config import ServiceSettings
+
+    env = {
+        "REFIT_TORCHSERVE_INFERENCE": "a:1,b:1",
+        "REFIT_TORCHSERVE_MANAGEMENT": "a:2",
+        "REFIT_INSECURE_NO_AUTH": "true",
+    }
+    with pytest.raises(ValueError, match="lists 2 replicas"):
+        ServiceSettings.from_env(env)
