@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from predict_latency import TOKEN, interleaved, jpeg, load, via_refit
+from predict_latency import interleaved, jpeg, load, via_refit
 from skimage import data
 
 from refit.netutil import free_port, wait_serving
 from refit.storage import StorageSettings
 from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from trainer.base_model import publish_base_model
+
+TOKEN = secrets.token_urlsafe(32)  # the admin token of both services
 
 
 def start_torchserve(home: Path, allowed_urls: str) -> TorchServeProcess:
@@ -69,7 +72,7 @@ def main() -> None:
             service, address = start_service(tmp, replicas)
             stack.callback(service.wait, 15)
             stack.callback(service.terminate)
-            paths[name] = via_refit(address)
+            paths[name] = via_refit(address, TOKEN)
         for make in paths.values():  # warm both services and every worker
             load(make, images, 32, 4)
         results = {
