@@ -17,18 +17,16 @@ Usage: .venv/bin/python bench/batching.py [--configs 8:5,16:5] [--requests 384] 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import os
 import statistics
-import threading
 import time
 import zipfile
 from collections.abc import Callable
 
 import grpc
 from local_stack import RunningStack, running_stack
-from PIL import Image
+from predict_latency import Call, interleaved, jpeg, load
 from skimage import data
 
 from refit.client import ClientSettings, connect
@@ -36,14 +34,6 @@ from refit.registry import Batching, Registry, VersionRecord
 from refit.storage import StorageSettings
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
-
-Call = Callable[[bytes], None]
-
-
-def jpeg(array: object) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def parse_configs(text: str) -> list[Batching]:
@@ -97,64 +87,6 @@ def caller(stack: RunningStack, model: str) -> Callable[[], Call]:
         )
 
     return make
-
-
-def load(make: Callable[[], Call], images: list[bytes], requests: int, concurrency: int) -> tuple:
-    """``requests`` calls from ``concurrency`` threads; returns (latencies, seconds)."""
-    latencies: list[float] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-    per_thread = -(-requests // concurrency)  # at least one each
-    barrier = threading.Barrier(concurrency + 1)
-
-    def worker(offset: int) -> None:
-        mine = []
-        try:
-            call = make()
-            call(images[offset % len(images)])  # connection set-up outside the measurement
-            barrier.wait()
-            for i in range(per_thread):
-                start = time.perf_counter()
-                call(images[(offset + i) % len(images)])
-                mine.append(time.perf_counter() - start)
-        except threading.BrokenBarrierError:
-            return  # another thread failed before the start
-        except Exception as exc:
-            errors.append(exc)
-            barrier.abort()
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    with contextlib.suppress(threading.BrokenBarrierError):
-        barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    if errors:  # a failed call ends the run: no figure leaves out the slowest requests
-        raise RuntimeError(f"{len(errors)} calls failed, the first: {errors[0]}")
-    return latencies, time.perf_counter() - start
-
-
-def interleaved(paths: dict, images: list[bytes], requests: int, concurrency: int, rounds: int):
-    samples = {name: ([], 0.0) for name in paths}
-    for _ in range(rounds):
-        for name, make in paths.items():
-            latencies, seconds = load(make, images, requests // rounds, concurrency)
-            done, total = samples[name]
-            samples[name] = (done + latencies, total + seconds)
-    return {name: summarize(*sample) for name, sample in samples.items()}
-
-
-def summarize(latencies: list[float], seconds: float) -> dict:
-    latencies = sorted(latencies)
-    return {
-        "rps": len(latencies) / seconds,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
-    }
 
 
 def forward_costs(stack: RunningStack, sizes: list[int], images: list[bytes]) -> dict:

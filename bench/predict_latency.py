@@ -95,37 +95,48 @@ def via_torchserve_rest(port: int) -> Callable[[], Call]:
 
 
 def load(make: Callable[[], Call], images: list[bytes], requests: int, concurrency: int) -> tuple:
-    """Runs ``requests`` calls from ``concurrency`` threads; returns (latencies, seconds)."""
+    """``requests`` calls from ``concurrency`` threads; returns (latencies, seconds)."""
     latencies: list[float] = []
+    errors: list[BaseException] = []
     lock = threading.Lock()
-    per_thread = requests // concurrency
+    per_thread = -(-requests // concurrency)  # at least one each
     barrier = threading.Barrier(concurrency + 1)
 
     def worker(offset: int) -> None:
-        call = make()
-        call(images[0])  # connection set-up outside the measurement
-        barrier.wait()
         mine = []
-        for i in range(per_thread):
-            start = time.perf_counter()
-            call(images[(offset + i) % len(images)])
-            mine.append(time.perf_counter() - start)
+        try:
+            call = make()
+            call(images[offset % len(images)])  # connection set-up outside the measurement
+            barrier.wait()
+            for i in range(per_thread):
+                start = time.perf_counter()
+                call(images[(offset + i) % len(images)])
+                mine.append(time.perf_counter() - start)
+        except threading.BrokenBarrierError:
+            return  # another thread failed before the start
+        except Exception as exc:
+            errors.append(exc)
+            barrier.abort()
         with lock:
             latencies.extend(mine)
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(concurrency)]
     for thread in threads:
         thread.start()
-    barrier.wait()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        barrier.wait()
     start = time.perf_counter()
     for thread in threads:
         thread.join()
+    if errors:  # a failed call ends the run: no figure leaves out the slowest requests
+        raise RuntimeError(f"{len(errors)} calls failed, the first: {errors[0]}")
     return latencies, time.perf_counter() - start
 
 
-def interleaved(paths: dict, images: list[bytes], requests: int, concurrency: int) -> dict:
+def interleaved(
+    paths: dict, images: list[bytes], requests: int, concurrency: int, rounds: int = 5
+) -> dict:
     """Alternates the paths in rounds so drift in machine load hits each of them alike."""
-    rounds = 5
     samples = {name: ([], 0.0) for name in paths}
     for _ in range(rounds):
         for name, make in paths.items():
