@@ -226,6 +226,7 @@ def test_stopping_never_signals_a_process_it_did_not_start(tmp_path: Path) -> No
 
 
 def test_ports_come_from_the_environment() -> None:
+    # Parsed only: nothing binds these ports, so fixed numbers cannot collide.
     env = {
         "REFIT_TORCHSERVE_HTTP_PORTS": "18080,18081,18082",
         "REFIT_TORCHSERVE_INFERENCE": "127.0.0.1:17070",

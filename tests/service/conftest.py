@@ -62,6 +62,18 @@ def torchserve(
     process.stop()
 
 
+def bucket_with_imagenet_archive(
+    moto_server: MotoServer, refit_bucket: str, prefix: str
+) -> tuple[S3Store, str, VersionRecord]:
+    """A new bucket holding a copy of imagenet v1's archive: (store, bucket, v1's record)."""
+    store = S3Store(moto_server.settings)
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    store.ensure_bucket(name)
+    source = Registry(store, refit_bucket).get("imagenet", "1")
+    store.put(name, source.archive_key, store.get(refit_bucket, source.archive_key))
+    return store, name, source
+
+
 def service_settings(
     moto_server: MotoServer, bucket: str, ports: TorchServePorts, **overrides: object
 ) -> ServiceSettings:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -19,13 +18,17 @@ import pytest
 from prometheus_client import REGISTRY
 
 from refit.registry import Registry, VersionRecord
-from refit.storage import S3Store
 from refit.torchserve_process import TorchServeProcess
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
 from tests.conftest import MotoServer
-from tests.service.conftest import connect, service_settings, start_service
+from tests.service.conftest import (
+    bucket_with_imagenet_archive,
+    connect,
+    service_settings,
+    start_service,
+)
 
 pytestmark = pytest.mark.integration
 GARBAGE = b"this is not a model archive"
@@ -34,13 +37,9 @@ GARBAGE = b"this is not a model archive"
 @pytest.fixture(scope="module")
 def broken_bucket(moto_server: MotoServer, refit_bucket: str) -> str:
     """imagenet v1 (healthy default) and v2 (a broken archive), plus two broken models."""
-    store = S3Store(moto_server.settings)
-    name = f"broken-{uuid.uuid4().hex[:8]}"
-    store.ensure_bucket(name)
-    source = Registry(store, refit_bucket).get("imagenet", "1")
+    store, name, source = bucket_with_imagenet_archive(moto_server, refit_bucket, "broken")
     for key in ("registry/imagenet/versions/1.json", "registry/imagenet/default.json"):
         store.put(name, key, store.get(refit_bucket, key))
-    store.put(name, source.archive_key, store.get(refit_bucket, source.archive_key))
     registry = Registry(store, name)
     bad_key = Registry.archive_key("imagenet", hashlib.sha256(GARBAGE).hexdigest())
     store.put(name, bad_key, GARBAGE)

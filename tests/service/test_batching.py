@@ -16,13 +16,17 @@ import pytest
 from PIL import Image
 
 from refit.registry import Batching, Registry, VersionRecord
-from refit.storage import S3Store
 from refit.torchserve_process import TorchServeProcess
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
 from tests.conftest import MotoServer, encode
-from tests.service.conftest import connect, service_settings, start_service
+from tests.service.conftest import (
+    bucket_with_imagenet_archive,
+    connect,
+    service_settings,
+    start_service,
+)
 
 pytestmark = pytest.mark.integration
 # A long delay makes a concurrent burst form full batches of 4 however loaded the machine is.
@@ -33,11 +37,7 @@ MODEL = f"batched-{uuid.uuid4().hex[:6]}"
 @pytest.fixture(scope="module")
 def batched_bucket(moto_server: MotoServer, refit_bucket: str) -> str:
     """MODEL v1: imagenet v1's archive, recorded with BATCHING."""
-    store = S3Store(moto_server.settings)
-    name = f"batched-{uuid.uuid4().hex[:8]}"
-    store.ensure_bucket(name)
-    source = Registry(store, refit_bucket).get("imagenet", "1")
-    store.put(name, source.archive_key, store.get(refit_bucket, source.archive_key))
+    store, name, source = bucket_with_imagenet_archive(moto_server, refit_bucket, "batched")
     registry = Registry(store, name)
     registry.add(
         VersionRecord(MODEL, "1", source.archive_key, source.class_names, batching=BATCHING)
