@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from refit.errors import RefitError
 from refit.registry import Registry, VersionRecord
 from refit.storage import S3Store
 from refit.torchserve import TorchServeClient
@@ -118,8 +119,21 @@ def services(
             f"127.0.0.1:{ports.grpc_inference}", f"127.0.0.1:{ports.grpc_management}"
         )
         for version in ("2", "1"):  # free the session TorchServe's memory (the default last)
-            client.unregister(MODEL, version)
+            unregister_when_idle(client, version)
         client.close()
+
+
+def unregister_when_idle(client: TorchServeClient, version: str, timeout_s: float = 30) -> None:
+    """TorchServe once answered this cleanup with UNKNOWN and no details (a fresh-clone run,
+    right after the services stopped; likely the worker still finishing): retry for a while."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.unregister(MODEL, version)
+        except RefitError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def answered_version(stub: refit_pb2_grpc.RefitStub, image: bytes) -> str:
