@@ -22,16 +22,16 @@ gen: $(VENV)/.installed
 	$(PY) proto/generate.py
 
 up: install
-	$(PY) -m refit.stack up
+	$(PY) -m local_stack.launcher up
 
 down:
-	$(PY) -m refit.stack down
+	$(PY) -m local_stack.launcher down
 
 status:
-	$(PY) -m refit.stack status
+	$(PY) -m local_stack.launcher status
 
 demo: up
-	$(PY) -m refit.demo
+	$(PY) -m local_stack.demo
 
 lint: install
 	$(VENV)/bin/ruff check .

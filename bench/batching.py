@@ -1,11 +1,11 @@
 """Dynamic batching: the same model served batched and unbatched, side by side in one run.
 
-One stack (bench/local_stack.py: embedded store, TorchServe, the service as its own process, tokens
-on). imagenet v1's archive (EfficientNet-Lite0, 224 px) is recorded again as model ``unbatched``
-(batch_size 1) and as ``batched-S-D`` for each ``--configs S:D`` (batch_size S, max_batch_delay D
-ms); the service's reconciler registers each with its own TorchServe worker. Every concurrency
-level then runs all of them in interleaved rounds, through the public Predict API, on the same
-three photos, so drift in machine load hits each alike.
+One stack (bench/running_stack.py: embedded store, TorchServe, the service as its own process,
+tokens on). imagenet v1's archive (EfficientNet-Lite0, 224 px) is recorded again as model
+``unbatched`` (batch_size 1) and as ``batched-S-D`` for each ``--configs S:D`` (batch_size S,
+max_batch_delay D ms); the service's reconciler registers each with its own TorchServe worker.
+Every concurrency level then runs all of them in interleaved rounds, through the public Predict
+API, on the same three photos, so drift in machine load hits each alike.
 
 To say where the gain comes from, it also times, in this process, the served TorchScript model's
 forward pass per image at batch 1 and at each batch size, and the handler's decode + preprocessing
@@ -25,11 +25,11 @@ import zipfile
 from collections.abc import Callable
 
 import grpc
-from local_stack import RunningStack, running_stack
 from predict_latency import Call, interleaved, jpeg, load
+from running_stack import RunningStack, running_stack
 from skimage import data
 
-from refit.client import ClientSettings, connect
+from cli.client import ClientSettings, connect
 from refit.registry import Batching, Registry, VersionRecord
 from refit.storage import StorageSettings
 from refit.v1 import refit_pb2 as pb

@@ -279,8 +279,8 @@ def all_reduce_probe(cpu: bool) -> None:
 
 
 def torchserve_predict(ctx: Context, step: Step) -> None:
+    from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
     from refit.torchserve import TorchServeClient
-    from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 
     if shutil.which("java") is None:
         raise RuntimeError("java is not on PATH: TorchServe needs Java 17")

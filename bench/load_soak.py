@@ -26,12 +26,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from local_stack import RunningStack, running_stack
 from PIL import Image
+from running_stack import RunningStack, running_stack
 from skimage import data
 
-from refit.client import ClientSettings, connect
-from refit.demo import dataset, upload
+from cli.client import ClientSettings, connect
+from local_stack.demo import dataset, upload
 from refit.storage import StorageSettings
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc

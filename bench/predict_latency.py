@@ -32,10 +32,10 @@ import grpc
 from PIL import Image
 from skimage import data
 
+from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.netutil import free_port, wait_serving
 from refit.storage import StorageSettings
 from refit.torchserve_api import inference_pb2, inference_pb2_grpc
-from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.v1 import refit_pb2, refit_pb2_grpc
 from trainer.base_model import publish_base_model
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from predict_latency import interleaved, jpeg, load, via_refit
 from skimage import data
 
+from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.netutil import free_port, wait_serving
 from refit.storage import StorageSettings
-from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from trainer.base_model import publish_base_model
 
 TOKEN = secrets.token_urlsafe(32)  # the admin token of both services

@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from refit.client import ClientSettings, connect
-from refit.demo import dataset, upload
+from cli.client import ClientSettings, connect
+from local_stack.demo import dataset, upload
+from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.netutil import free_port, wait_serving
 from refit.storage import StorageSettings
-from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.auth import AuthSettings

@@ -1,5 +1,7 @@
 """refit: serve fine-tuned image classifiers over gRPC and retrain them on demand.
 
-This package holds what every component shares: the generated public API (``refit.v1``), the
-object-store module, the model registry, the CLI and the local-stack launcher. It imports no torch.
+This package is the core every component shares: the generated public API (``refit.v1``), the
+object stores, the model registry, identifiers, errors, tokens, logging and the TorchServe client.
+It imports no torch. The applications built on it live beside it: ``service/`` (the front door),
+``trainer/``, ``cli/`` (the ``refit`` command) and ``local_stack/`` (``make up`` without Docker).
 """

@@ -62,7 +62,8 @@ def code_metric_names() -> set[str]:
     return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE refit_")}
 
 
-# TorchServe's own series that refit reads (tests/refit/test_stack.py sees them in a real scrape).
+# TorchServe's own series that refit reads (tests/local_stack/test_launcher.py sees them in a
+# real scrape).
 TORCHSERVE_METRICS = {
     "ts_inference_requests_total",
     "PredictionTime",  # gauges: TorchServe's latency counters get no samples from gRPC calls

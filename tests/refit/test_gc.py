@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from refit.cli import main as refit_cli
+from cli import main as refit_cli
 from refit.gc import collect_garbage, find_garbage
 from refit.registry import Registry, VersionRecord
 from refit.storage import FileStore

@@ -11,12 +11,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cli.client import ClientSettings
+from cli.client import connect as client_connect
+from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit import netutil
-from refit.client import ClientSettings
-from refit.client import connect as client_connect
 from refit.registry import Registry, VersionRecord
 from refit.storage import FileStore, S3Store, StorageSettings
-from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.v1 import refit_pb2_grpc
 from service.auth import AuthSettings
 from service.config import ServiceSettings

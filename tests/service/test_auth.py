@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
-from refit.client import ClientSettings, connect
+from cli.client import ClientSettings, connect
 from refit.tokens import TokenConfigError, create_tokens_file, read_tokens_file
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from PIL import Image
 
+from local_stack.torchserve import TorchServeProcess
 from refit.registry import Batching, Registry, VersionRecord
-from refit.torchserve_process import TorchServeProcess
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer

@@ -22,10 +22,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.errors import RefitError
 from refit.torchserve import TorchServeClient
 from refit.torchserve_api import inference_pb2_grpc
-from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from local_stack.torchserve import TorchServeProcess
 from refit.registry import Registry
 from refit.storage import S3Store
-from refit.torchserve_process import TorchServeProcess
 from refit.trainer.v1 import trainer_pb2_grpc
 from refit.v1 import refit_pb2 as pb
 from tests.conftest import MotoServer

@@ -16,9 +16,9 @@ import grpc
 import numpy as np
 import pytest
 
+from local_stack.torchserve import TorchServeProcess
 from refit.registry import Registry
 from refit.storage import S3Store
-from refit.torchserve_process import TorchServeProcess
 from refit.trainer.v1 import trainer_pb2_grpc
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc

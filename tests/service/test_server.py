@@ -148,7 +148,7 @@ def test_upstream_deadline(moto_server, refit_bucket, torchserve, coffee_jpeg) -
 
 
 def test_torchserve_unreachable(moto_server, refit_bucket, coffee_jpeg) -> None:
-    from refit.torchserve_process import TorchServePorts
+    from local_stack.torchserve import TorchServePorts
     from tests.conftest import free_port
 
     dead = TorchServePorts(*(free_port() for _ in range(5)))

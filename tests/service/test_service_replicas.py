@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from local_stack.torchserve import TorchServeProcess
 from refit.errors import RefitError
 from refit.registry import Registry, VersionRecord
 from refit.storage import S3Store
 from refit.torchserve import TorchServeClient
-from refit.torchserve_process import TorchServeProcess
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from tests.conftest import MotoServer, free_port

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from refit.cli import main as refit_cli
-from refit.client import ClientSettings, connect
+from cli import main as refit_cli
+from cli.client import ClientSettings, connect
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.config import ServiceSettings, TlsSettings

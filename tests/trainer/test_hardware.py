@@ -1,5 +1,5 @@
 """Device selection and rank agreement. A real 2-process DDP run on CPU (torchrun, gloo) is
-tests/refit/cli/test_train.py's ``refit train --nproc-per-node 2``."""
+tests/cli/test_train.py's ``refit train --nproc-per-node 2``."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from refit.cli import main
+from cli import main
 from refit.storage import FileStore
 from tests.trainer.synthetic import CLASS_NAMES, upload_colours
 

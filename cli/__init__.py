@@ -9,18 +9,18 @@ import sys
 
 # command name -> module that implements it (module.register(subparsers) adds the parser).
 COMMAND_MODULES = {
-    "predict": "refit.cli.serving",
-    "models": "refit.cli.serving",
-    "dataset": "refit.cli.dataset",
-    "train": "refit.cli.train",
-    "retrain": "refit.cli.jobs",
-    "jobs": "refit.cli.jobs",
-    "job": "refit.cli.jobs",
-    "cancel": "refit.cli.jobs",
-    "promote": "refit.cli.jobs",
-    "rollback": "refit.cli.jobs",
-    "versions": "refit.cli.jobs",
-    "gc": "refit.cli.gc",
+    "predict": "cli.serving",
+    "models": "cli.serving",
+    "dataset": "cli.dataset",
+    "train": "cli.train",
+    "retrain": "cli.jobs",
+    "jobs": "cli.jobs",
+    "job": "cli.jobs",
+    "cancel": "cli.jobs",
+    "promote": "cli.jobs",
+    "rollback": "cli.jobs",
+    "versions": "cli.jobs",
+    "gc": "cli.gc",
 }
 
 

@@ -34,11 +34,11 @@ import grpc
 import yaml
 from supervisor.xmlrpc import SupervisorTransport
 
-from refit.client import ClientSettings, connect
+from cli.client import ClientSettings, connect
+from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.netutil import wait_serving
 from refit.storage import StorageSettings
 from refit.tokens import client_token, create_tokens_file, tokens_file
-from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.local.yml"

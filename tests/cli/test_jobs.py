@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from refit.cli.jobs import duration, job_line, previous_version, progress_line
+from cli.jobs import duration, job_line, previous_version, progress_line
 from refit.v1 import refit_pb2 as pb
 
 

@@ -22,8 +22,8 @@ import grpc
 import numpy as np
 from PIL import Image, ImageDraw
 
-from refit.cli.jobs import progress_line, summary
-from refit.client import ClientSettings, connect
+from cli.client import ClientSettings, connect
+from cli.jobs import progress_line, summary
 from refit.netutil import wait_serving
 from refit.storage import ObjectStore, StorageSettings
 from refit.v1 import refit_pb2 as pb

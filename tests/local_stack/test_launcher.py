@@ -20,13 +20,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from refit.cli import main as refit_cli
-from refit.client import ClientSettings, connect
+from cli import main as refit_cli
+from cli.client import ClientSettings, connect
+from local_stack.launcher import Stack, StackSettings
+from local_stack.torchserve import TorchServePorts
 from refit.netutil import wait_serving
 from refit.registry import Registry, VersionRecord
-from refit.stack import Stack, StackSettings
 from refit.storage import StorageSettings
-from refit.torchserve_process import TorchServePorts
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from tests.conftest import free_port

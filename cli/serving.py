@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from refit.client import ClientSettings, connect
+from cli.client import ClientSettings, connect
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 
@@ -42,7 +42,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def stub_for(args: argparse.Namespace) -> refit_pb2_grpc.RefitStub:
-    """REFIT_TOKEN (else the local stack's tokens file) and REFIT_TLS_* apply: refit.client."""
+    """REFIT_TOKEN (else the local stack's tokens file) and REFIT_TLS_* apply: cli.client."""
     return refit_pb2_grpc.RefitStub(connect(ClientSettings.from_env(args.address)))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from refit.cli import main
+from cli import main
 from refit.storage import S3Store
 from tests.conftest import MotoServer
 from tests.trainer.data.helpers import jpeg, png

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.netutil import free_port, wait_serving
 from refit.storage import StorageSettings
 from refit.tokens import ENV_NAMES, create_tokens_file, read_tokens_file, tokens_file
-from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from trainer.base_model import publish_base_model
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from refit.cli.serving import add_common, report_error, run_models, stub_for
+from cli.serving import add_common, report_error, run_models, stub_for
 from refit.v1 import refit_pb2 as pb
 
 TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
