@@ -8,10 +8,7 @@ default flips only once the new version is served, so the old default answers ev
 the switch. A version that TorchServe refuses, or that fails its smoke test, is removed from the
 registry again: nothing half-working is published.
 
-The gate: the candidate's validation accuracy against the current default's on the SAME
-validation split (the caller evaluates the default, see ``BaselineFn``). A default whose class
-names differ from the candidate's cannot be compared: the candidate stays a candidate unless
-``force`` (changing the labels clients get back is a decision for a person, not the gate).
+The gate's decision itself is refit.promotion's.
 
 No torch here: the service uses promote/delete too.
 """
@@ -27,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from refit.errors import DeadlineExceeded, FailedPrecondition, NotFound, RefitError, Unavailable
+from refit.promotion import BaselineFn, GateDecision, decide
 from refit.registry import Registry, VersionRecord, check_model_name
 from refit.storage import ObjectStore
 from refit.torchserve import ModelNotLoaded, TorchServeClient
@@ -58,57 +56,6 @@ class PublishRetry:
 def _sleep(reason: str, seconds: float) -> None:
     log.info("%s", reason)
     time.sleep(seconds)
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """The current default, evaluated on the candidate's validation split."""
-
-    version: str
-    accuracy: float | None  # None: not comparable (see reason)
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    promote: bool
-    reason: str
-    candidate_accuracy: float
-    baseline: Baseline | None  # None: the model had no default
-
-    def as_dict(self) -> dict:
-        base = self.baseline
-        return {
-            "promoted": self.promote,
-            "reason": self.reason,
-            "candidate_accuracy": self.candidate_accuracy,
-            "baseline_version": base.version if base else "",
-            "baseline_accuracy": base.accuracy if base and base.accuracy is not None else 0.0,
-            "baseline_evaluated": bool(base and base.accuracy is not None),
-        }
-
-
-BaselineFn = Callable[[VersionRecord], Baseline]  # current default record -> its evaluation
-
-
-def decide(
-    candidate_accuracy: float, baseline: Baseline | None, *, margin: float, force: bool
-) -> GateDecision:
-    """Promote when the candidate is at least as good as the default plus ``margin``."""
-    if force:
-        return GateDecision(True, "forced by the request", candidate_accuracy, baseline)
-    if baseline is None:
-        return GateDecision(True, "first version with a default", candidate_accuracy, None)
-    if baseline.accuracy is None:
-        reason = f"not comparable with default v{baseline.version}: {baseline.reason}; use force"
-        return GateDecision(False, reason, candidate_accuracy, baseline)
-    needed = baseline.accuracy + margin
-    verdict = ">=" if candidate_accuracy >= needed else "<"
-    reason = (
-        f"val_accuracy {candidate_accuracy:.4f} {verdict} default v{baseline.version} "
-        f"{baseline.accuracy:.4f} + margin {margin:g}"
-    )
-    return GateDecision(candidate_accuracy >= needed, reason, candidate_accuracy, baseline)
 
 
 def version_key(model: str, version: str) -> str:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from refit.publish import Baseline
+from refit.promotion import Baseline
 from refit.registry import VersionRecord
 from refit.storage import ObjectStore
 from trainer.backbones import BackboneRegistry, replace_head
