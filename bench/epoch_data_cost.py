@@ -5,11 +5,13 @@ Reads N generated 28x28 grayscale PNGs from the embedded FileStore through the p
 dataset with the fine-tuning transform (random resized crop to --size px + flip), and times:
 
     handed over 1 at a time   every fetch+decode is its own thread task (the old way)
-    handed over K at a time   trainer.data.objects.FETCHES_PER_TASK (the shipped way)
+    handed over K at a time   trainer.data.objects.FETCHES_PER_TASK (the shipped way), and any
+                              other K given with --per-task
     no threads                fetch, decode and transform in sequence (the floor on local disk)
     transform only            the transform alone on already-decoded images
 
-    PYTHONPATH=. .venv/bin/python bench/epoch_data_cost.py --images 1000 --rounds 5
+    PYTHONPATH=. .venv/bin/python bench/epoch_data_cost.py --images 1000 --rounds 5 \
+        [--per-task 1 4 8 16]
 """
 
 from __future__ import annotations
@@ -64,8 +66,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
     shipped = objects.FETCHES_PER_TASK
+    parser.add_argument(
+        "--per-task", type=int, nargs="+", default=[1, shipped],
+        help="fetches per thread task to compare (the first is the baseline)",
+    )  # fmt: skip
+    args = parser.parse_args()
     pre = Preprocessing(resize_size=args.size, crop_size=args.size)
     transform = train_transform(pre, Augmentation(crop_scale=(0.85, 1.0), hflip=0.5))
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +83,7 @@ def main() -> None:
             return sum(1 for _ in dataset)
 
         results = {}
-        for per_task in (1, shipped):
+        for per_task in args.per_task:
             objects.FETCHES_PER_TASK = per_task
             results[f"handed over {per_task} at a time"] = timed(epoch, args.rounds)
         objects.FETCHES_PER_TASK = shipped
@@ -91,8 +97,10 @@ def main() -> None:
           f"median of {args.rounds} epochs, CPU ms per image:")  # fmt: skip
     for name, cost in results.items():
         print(f"  {name:28s} {cost:6.3f}")
-    first = results["handed over 1 at a time"]
-    print(f"  old / shipped: {first / results[f'handed over {shipped} at a time']:.2f}x")
+    first = results[f"handed over {args.per_task[0]} at a time"]
+    if shipped in args.per_task:
+        shipped_cost = results[f"handed over {shipped} at a time"]
+        print(f"  {args.per_task[0]} per task / shipped ({shipped}): {first / shipped_cost:.2f}x")
 
 
 if __name__ == "__main__":

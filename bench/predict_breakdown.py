@@ -1,5 +1,7 @@
 """Where Predict time goes, measured in one process: raw TorchServe stub, the service's
 TorchServe client, Predictor.predict, and the full gRPC service. p50 ms of N calls per step.
+Then the service's own per-call costs, without TorchServe: a bare Python gRPC round trip (a
+health Check on a server with nothing else), the image header checks and the token check.
 
 Usage: .venv/bin/python bench/predict_breakdown.py [--calls 150] [--rounds 2]
 """
@@ -12,10 +14,13 @@ import secrets
 import statistics
 import tempfile
 import time
+import timeit
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 from skimage import data
 
@@ -26,9 +31,10 @@ from refit.registry import Registry
 from refit.storage import StorageSettings
 from refit.torchserve_api import inference_pb2, inference_pb2_grpc
 from refit.v1 import refit_pb2, refit_pb2_grpc
-from service.auth import AuthSettings
+from service.auth import Authenticator, AuthSettings
 from service.catalog import ModelCatalog
 from service.config import ServiceSettings
+from service.images import inspect_image
 from service.predictions import Predictor
 from service.server import build_server
 from trainer.base_model import publish_base_model
@@ -45,6 +51,35 @@ def p50_ms(call: Callable[[], object], calls: int) -> float:
         call()
         latencies.append(time.perf_counter() - start)
     return 1000 * statistics.median(latencies)
+
+
+def per_call_costs(image: bytes, calls: int) -> dict[str, str]:
+    """The service's own work per Predict, each alone: no TorchServe, no other process."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            round_trip = p50_ms(lambda: check(health_pb2.HealthCheckRequest(), timeout=5), calls)
+    finally:
+        server.stop(0)
+    limits = ServiceSettings()
+    header_s = min(timeit.repeat(
+        lambda: inspect_image(image, max_bytes=limits.max_image_bytes,
+                              max_pixels=limits.max_image_pixels),
+        number=1000, repeat=5,
+    )) / 1000  # fmt: skip
+    tokens = [secrets.token_urlsafe(32) for _ in range(3)]
+    authenticator = Authenticator(AuthSettings(tuple(tokens[:2]), tuple(tokens[2:])))
+    role_s = min(timeit.repeat(lambda: authenticator.role_of(tokens[2]), number=200_000,
+                               repeat=3)) / 200_000  # fmt: skip
+    return {
+        "bare Python gRPC round trip (health Check)": f"p50 {round_trip:.2f} ms",
+        "image header checks (inspect_image, coffee JPEG)": f"{header_s * 1e6:.1f} us per image",
+        "token role check (Authenticator.role_of, 3 tokens)": f"{role_s * 1e6:.1f} us per call",
+    }
 
 
 def main() -> None:
@@ -99,6 +134,8 @@ def main() -> None:
         finally:
             service.stop()
             torchserve.stop()
+    for name, figure in per_call_costs(image, args.calls).items():
+        print(f"{name:52} {figure}")
 
 
 if __name__ == "__main__":

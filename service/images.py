@@ -14,6 +14,11 @@ from PIL import Image, UnidentifiedImageError
 from refit.errors import InvalidArgument, PayloadTooLarge
 
 FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF"}
+# The handler scales the short side to the model's resize size (~256 px) before its centre crop,
+# so a thin image under the pixel limit (1x30000) would become 256x7,680,000 in the TorchServe
+# worker. The handler refuses the same (trainer/serving/handler.py); past 20:1 its centre crop
+# shows the model under 5% of the image anyway.
+MAX_ASPECT_RATIO = 20
 _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"
 
@@ -39,6 +44,12 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
         raise InvalidArgument(
             f"image is {info.width}x{info.height} pixels, over the limit of {max_pixels} "
             "(REFIT_MAX_IMAGE_PIXELS); rejected as a possible decompression bomb"
+        )
+    if max(info.width, info.height) > MAX_ASPECT_RATIO * min(info.width, info.height):
+        raise InvalidArgument(
+            f"image is {info.width}x{info.height} pixels, an aspect ratio over "
+            f"{MAX_ASPECT_RATIO}:1; crop it to the part to classify (the model sees only the "
+            "centre square)"
         )
     if _looks_truncated(info.format, data):
         raise InvalidArgument(f"{info.format} image is truncated: its end marker is missing")

@@ -42,3 +42,16 @@ def test_rejects_unsupported_format() -> None:
     tiff = encode(Image.new("RGB", (8, 8)), "TIFF")
     with pytest.raises(InvalidArgument, match="unsupported image format TIFF"):
         inspect_image(tiff, **LIMITS)
+
+
+@pytest.mark.parametrize("size", [(1, 30_000), (30_000, 1), (21, 1)])
+def test_rejects_an_aspect_ratio_the_handler_cannot_resize(size: tuple[int, int]) -> None:
+    """1x30000 is under the pixel limit, but the handler scales the short side to ~256 px: a
+    256x7,680,000 image would exhaust the TorchServe worker's memory."""
+    with pytest.raises(InvalidArgument, match=r"pixels, an aspect ratio over 20:1; crop it"):
+        inspect_image(encode(Image.new("RGB", size), "PNG"), **LIMITS)
+
+
+@pytest.mark.parametrize("size", [(20, 1), (1, 20), (4000, 200)])
+def test_accepts_an_aspect_ratio_up_to_the_limit(size: tuple[int, int]) -> None:
+    assert inspect_image(encode(Image.new("RGB", size), "PNG"), **LIMITS).width == size[0]

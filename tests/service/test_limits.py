@@ -12,11 +12,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
 from tests.service.conftest import connect, offline_settings, publish_records, start_service
+
+
+def predicts_in_flight() -> float:
+    """The service's own gauge (this process): Predicts that hold a server thread now."""
+    return REGISTRY.get_sample_value("refit_rpc_in_flight", {"method": "Predict"}) or 0.0
 
 
 class HeldStream:
@@ -81,8 +87,12 @@ def test_calls_past_the_worker_count_are_refused_at_once(
             stream.answer()
         request = pb.PredictRequest(image=cat_jpeg, model="imagenet")
         slow = threading.Thread(target=_quietly(stub.Predict, request, timeout=30))
+        before = predicts_in_flight()
         slow.start()  # waits on the silent TorchServe: the third and last worker
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while predicts_in_flight() == before:  # the server took it: no worker is left
+            assert time.monotonic() < deadline, "the third call never reached the service"
+            time.sleep(0.01)
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:
             stub.ListModels(pb.ListModelsRequest(), timeout=5)

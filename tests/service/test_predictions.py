@@ -81,7 +81,9 @@ def test_cancelled_stream_leaves_no_reader_behind(slow_service: RefitServer, cat
     with connect(slow_service.port) as channel:
         stub = refit_pb2_grpc.RefitStub(channel)
         call = stub.PredictStream(iter([request] * 20), timeout=60)
-        time.sleep(1.0)  # two Predicts wait on TorchServe; the reader waits for a slot
+        deadline = time.monotonic() + 30  # two Predicts wait on TorchServe; the reader started
+        while readers() != before + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert readers() == before + 1
         call.cancel()
         with pytest.raises(grpc.RpcError):

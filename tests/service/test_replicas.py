@@ -165,10 +165,11 @@ def test_a_replica_killed_under_load_costs_no_predict_and_comes_back(
     wait_until(lambda: in_rotation(torchserve, replica_b), 60, "both replicas in rotation")
     health = health_pb2_grpc.HealthStub(connect(service.port))
     with SteadyLoad(api, cat_jpeg) as load:
-        time.sleep(3)
+        wait_until(lambda: load.ok >= 8, 60, "8 Predicts before the kill")
         replica_b.kill()
         left = wait_until(lambda: not in_rotation(replica_b), 10, "B leaving the rotation")
-        time.sleep(3)
+        down = load.ok
+        wait_until(lambda: load.ok >= down + 8, 60, "8 Predicts with B out of the rotation")
         served_while_down = load.ok
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == (
             health_pb2.HealthCheckResponse.SERVING
@@ -187,8 +188,7 @@ def test_a_replica_killed_under_load_costs_no_predict_and_comes_back(
         print(f"B left the rotation {left:.1f}s after SIGKILL; back {back:.1f}s after restart")
         assert time.monotonic() - restarted < RECOVERY_BOUND_S
         b_before = predictions_served(replica_b)
-        time.sleep(3)
-        assert predictions_served(replica_b) > b_before  # it takes traffic again
+        wait_until(lambda: predictions_served(replica_b) > b_before, 30, "B taking traffic again")
     assert load.ok > served_while_down > 0
     # The kill may hit at most one call per client in flight; gRPC retries those on A.
     assert len(load.failures) <= 4, load.failures

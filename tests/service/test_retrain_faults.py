@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,6 +36,9 @@ TINY = pb.Hyperparameters(epochs=2, batch_size=16, lr=3e-3, crop_size=SIZE)
 def dataset(moto_server: MotoServer) -> str:
     bucket = f"faults-{uuid.uuid4().hex[:8]}"
     return upload_colours(S3Store(moto_server.settings), bucket, "c", train=8, val=4, size=SIZE)
+
+
+READ_RETRIES = "trainer.data.retry"  # logs each object-store read it retries
 
 
 def start_trainer(settings) -> TrainerServer:
@@ -94,7 +98,8 @@ def test_torchserve_down_when_a_job_reaches_publishing(
         assert waiting is not None, "the job never said it waits for TorchServe"
         record = Registry(S3Store(moto_server.settings), bucket).get("patient", waiting.version)
         assert record.lineage["job_id"] == job.id  # recorded while TorchServe is away
-        time.sleep(2)  # a few retries while it is down
+        retried = next((e.job for e in events if "attempt 2," in e.job.detail), None)
+        assert retried is not None, "the job did not retry while TorchServe was down"
         torchserve.start()
         final = [e.job for e in events][-1]
         served = {(v.model, v.version) for v in trainer.torchserve.served_versions()}
@@ -107,11 +112,13 @@ def test_torchserve_down_when_a_job_reaches_publishing(
 
 
 def test_object_store_unreachable_mid_training_then_back(
-    moto_server, torchserve, s3_proxy: S3FaultProxy, dataset, bucket, stub_for
+    moto_server, torchserve, s3_proxy: S3FaultProxy, dataset, bucket, stub_for, caplog
 ) -> None:
-    """A short outage (3 s) after the first epoch: the reads retry with backoff and the job goes
-    on to publish exactly one version. (A longer one interrupts the job, which runs again from its
-    checkpoint: tests/trainer/jobs/test_manager.py and the test below.)"""
+    """A short outage after the first epoch, until a read has failed and is retried: the reads
+    retry with backoff and the job goes on to publish exactly one version. (A longer one
+    interrupts the job, which runs again from its checkpoint: tests/trainer/jobs/test_manager.py
+    and the test below.)"""
+    caplog.set_level(logging.WARNING, logger=READ_RETRIES)
     settings = fast_retries(trainer_settings(moto_server, bucket, torchserve))
     trainer = start_trainer(dataclasses.replace(settings, storage=s3_proxy.settings))
     try:
@@ -122,7 +129,10 @@ def test_object_store_unreachable_mid_training_then_back(
             if event.job.progress.epoch_end and event.job.progress.epoch == 1:
                 s3_proxy.cut()
                 break
-        time.sleep(3)
+        deadline = time.monotonic() + 120
+        while not [r for r in caplog.records if r.name == READ_RETRIES]:
+            assert time.monotonic() < deadline, "no read met the outage"
+            time.sleep(0.05)
         s3_proxy.restore()
         final = [e.job for e in events][-1]
     finally:

@@ -18,6 +18,10 @@ from torchvision.transforms import v2
 from ts.torch_handler.base_handler import BaseHandler
 
 META_FILE = "refit.json"
+# The transform scales the short side to the model's resize size first: a 1x30000 image would
+# become 256x7,680,000 and exhaust the worker's memory. The service refuses these first
+# (service/images.py, the same limit); this guards direct callers and other front ends.
+MAX_ASPECT_RATIO = 20
 
 
 class RefitImageClassifier(BaseHandler):
@@ -91,6 +95,11 @@ def decode(data: bytes | bytearray | None) -> Image.Image:
     if not data:
         raise ValueError("empty image")
     image = Image.open(io.BytesIO(data))
+    width, height = image.size  # from the header: checked before the pixels are decoded
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(
+            f"image is {width}x{height} pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1"
+        )
     image.load()  # forces a full decode: truncated files fail here
     return image.convert("RGB")
 
