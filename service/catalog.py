@@ -331,7 +331,8 @@ class Reconciler:
             return 0
         if self.workers is None:
             return 1
-        return self.workers.default_workers(sum(1 for n in counts.values() if n))
+        mine = {(e.name, r.version) for e in self.catalog.models() for r in e.versions}
+        return self.workers.default_workers(sum(1 for k, n in counts.items() if n and k in mine))
 
     def _mark_unreachable(
         self,
@@ -494,17 +495,18 @@ class Reconciler:
 
 
 def _observation(entries: list[ModelEntry], counts: list[WorkerCounts]) -> Observation:
-    """What ``Workers`` needs from a pass: versions held, with a worker somewhere, with one on
-    every reachable replica; the defaults; when each version was published."""
-    registered = set().union(*counts) if counts else set()
-    holding = {key for replica in counts for key, n in replica.items() if n}
-    ready = {key for key in holding if all(replica.get(key, 0) for replica in counts)}
-    defaults = {(e.name, e.default_version) for e in entries if e.default_version}
+    """What ``Workers`` needs from a pass, for the registry's versions only (a TorchServe may
+    hold others): versions held, with a worker somewhere, with one on every reachable replica;
+    the defaults; when each version was published."""
     created = {
         (record.model, record.version): _epoch(record.created_at)
         for entry in entries
         for record in entry.versions
     }
+    registered = {key for replica in counts for key in replica if key in created}
+    holding = {key for replica in counts for key, n in replica.items() if n and key in created}
+    ready = {key for key in holding if all(replica.get(key, 0) for replica in counts)}
+    defaults = {(e.name, e.default_version) for e in entries if e.default_version}
     return Observation(registered, holding, ready, defaults, created)
 
 

@@ -73,7 +73,7 @@ class ServiceSettings:
     watch_interval_s: float = 1.0
     idle_worker_s: float = 300.0  # a version that is not a default loses its worker when idle
     candidate_warm_s: float = 600.0  # a new version keeps its worker this long after publishing
-    max_warm_workers: int = 0  # most versions holding a worker at once (0: no bound)
+    max_warm_workers: int = 10  # most versions holding a worker at once (0: no bound)
     scale_up_timeout_s: float = 60.0  # a Predict waits this long for a version's worker to start
     reconcile_retry_s: float = 2.0  # first wait before retrying a version TorchServe refused
     reconcile_retry_max_s: float = 300.0  # the backoff doubles up to this

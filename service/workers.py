@@ -42,7 +42,7 @@ Key = tuple[str, str]  # (model, version)
 class WorkerPolicy:
     idle_s: float = 300.0  # REFIT_IDLE_WORKER_S
     candidate_warm_s: float = 600.0  # REFIT_CANDIDATE_WARM_S
-    max_warm: int = 0  # REFIT_MAX_WARM_WORKERS; 0: no bound
+    max_warm: int = 10  # REFIT_MAX_WARM_WORKERS; 0: no bound
     scale_up_timeout_s: float = 60.0  # REFIT_SCALE_UP_TIMEOUT_S
 
 
