@@ -304,7 +304,8 @@ class Reconciler:
         model why the replica does not serve its default (none: the replica is in line), and
         the workers each version has there now."""
         served = {(v.model, v.version): v for v in replica.served_versions()}
-        counts = {key: version.workers for key, version in served.items()}
+        mine = {(e.name, r.version) for e in entries for r in e.versions}
+        counts = {key: version.workers for key, version in served.items() if key in mine}
         made, troubles = 0, {}
         for entry in entries:
             records = sorted(entry.versions, key=lambda r: r.version != entry.default_version)
@@ -331,8 +332,7 @@ class Reconciler:
             return 0
         if self.workers is None:
             return 1
-        mine = {(e.name, r.version) for e in self.catalog.models() for r in e.versions}
-        return self.workers.default_workers(sum(1 for k, n in counts.items() if n and k in mine))
+        return self.workers.default_workers(sum(1 for n in counts.values() if n))
 
     def _mark_unreachable(
         self,
@@ -495,16 +495,16 @@ class Reconciler:
 
 
 def _observation(entries: list[ModelEntry], counts: list[WorkerCounts]) -> Observation:
-    """What ``Workers`` needs from a pass, for the registry's versions only (a TorchServe may
-    hold others): versions held, with a worker somewhere, with one on every reachable replica;
-    the defaults; when each version was published."""
+    """What ``Workers`` needs from a pass (``counts`` has the registry's versions only: a
+    TorchServe may hold others): versions held, with a worker somewhere, with one on every
+    reachable replica; the defaults; when each version was published."""
     created = {
         (record.model, record.version): _epoch(record.created_at)
         for entry in entries
         for record in entry.versions
     }
-    registered = {key for replica in counts for key in replica if key in created}
-    holding = {key for replica in counts for key, n in replica.items() if n and key in created}
+    registered = {key for replica in counts for key in replica}
+    holding = {key for replica in counts for key, n in replica.items() if n}
     ready = {key for key in holding if all(replica.get(key, 0) for replica in counts)}
     defaults = {(e.name, e.default_version) for e in entries if e.default_version}
     return Observation(registered, holding, ready, defaults, created)

@@ -201,7 +201,8 @@ class Workers:
             return []
         with self._lock:
             starting = {k for k, move in self._moves.items() if move.up}
-            warm = self._holding | starting | ({extra} if extra else set())
+            stopping = set(self._moves) - starting
+            warm = (self._holding - stopping) | starting | ({extra} if extra else set())
             excess = len(warm) - self.policy.max_warm
             candidates = sorted(
                 self._holding - starting - {extra} - set(self._moves) - set(self._in_flight),

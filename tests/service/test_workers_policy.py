@@ -16,13 +16,16 @@ A1, A2, B1, B2 = ("a", "1"), ("a", "2"), ("b", "1"), ("b", "2")
 
 
 class RecordingTorchServe:
-    def __init__(self, start_s: float = 0.0, fail: Exception | None = None) -> None:
+    def __init__(
+        self, start_s: float = 0.0, fail: Exception | None = None, stop_s: float = 0.0
+    ) -> None:
         self.targets = SimpleNamespace(rest=("127.0.0.1:1",))
         self.calls: list[tuple[str, str, int]] = []
-        self.start_s, self.fail = start_s, fail
+        self.start_s, self.fail, self.stop_s = start_s, fail, stop_s
 
     def scale(self, model: str, version: str, workers: int, timeout_s: float) -> None:
         self.calls.append((model, version, workers))
+        time.sleep(0 if workers else self.stop_s)
         if workers:
             time.sleep(self.start_s)
             if self.fail:
@@ -125,3 +128,18 @@ def test_defaults_registered_while_the_budget_has_room() -> None:
     assert (
         Workers(RecordingTorchServe(), WorkerPolicy(max_warm=0)).default_workers(50) == 1
     )  # no bound
+
+
+def test_concurrent_starts_under_the_budget_stop_only_what_they_need() -> None:
+    clock, torchserve = Clock(), RecordingTorchServe(start_s=0.2, stop_s=0.3)
+    workers = Workers(torchserve, WorkerPolicy(max_warm=3), clock=clock, wall=lambda: 1e9)
+    everything = {A1, A2, B1, B2, ("c", "1"), ("c", "2")}
+    workers.observe(Observation(everything, {A1, B1, B2}, {A1, B1, B2}, {A1, B1}, {}))
+    threads = [threading.Thread(target=workers.ensure, args=key) for key in (A2, ("c", "2"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stops = [call for call in torchserve.calls if call[2] == 0]
+    assert len(stops) == 2 and ("b", "2", 0) in stops
+    assert len(workers.holding()) == 3
