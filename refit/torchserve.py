@@ -90,8 +90,7 @@ class NoWorker(RefitError):
 class ServedVersion:
     model: str
     version: str
-    is_default: bool  # TorchServe 0.12's describe never says: always False there
-    workers: int
+    workers: int  # TorchServe 0.12's describe does not say which version is the default
 
 
 @dataclass(frozen=True)
@@ -438,7 +437,6 @@ class ReplicaClient:
             yield ServedVersion(
                 model=entry["modelName"],
                 version=entry["modelVersion"],
-                is_default=bool(entry.get("isDefaultVersion", False)),
                 workers=len(entry.get("workers", [])),
             )
 
