@@ -53,6 +53,7 @@ def running_stack(*, trainer: bool = False, env: dict[str, str] | None = None) -
             "REFIT_DATA_DIR": str(home),
             "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ports.grpc_inference}",
             "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ports.grpc_management}",
+            "REFIT_TORCHSERVE_MANAGEMENT_REST": f"127.0.0.1:{ports.management}",
             "REFIT_TRAINER_ADDRESS": f"127.0.0.1:{free_port()}",
             **(env or {}),
         }

@@ -119,6 +119,7 @@ class StackSettings:
             "REFIT_METRICS_ADDRESS": self.metrics_address,
             "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{self.torchserve.grpc_inference}",
             "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{self.torchserve.grpc_management}",
+            "REFIT_TORCHSERVE_MANAGEMENT_REST": f"127.0.0.1:{self.torchserve.management}",
             "REFIT_TRAINER_ADDRESS": self.trainer_address,
             "REFIT_TRAINER_GRPC_ADDRESS": self.trainer_address,
             "REFIT_TRAINER_METRICS_ADDRESS": self.trainer_metrics_address,

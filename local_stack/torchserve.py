@@ -57,7 +57,9 @@ def render_config(ports: TorchServePorts, model_store: Path, allowed_urls: str) 
         # Loopback only, reached by the refit service alone; token keys would expire hourly.
         "disable_token_authorization": "true",
         "metrics_mode": "prometheus",
-        "default_workers_per_model": 1,
+        # A registration's initial_workers=0 means no worker only when this is 0 (gRPC reads 0
+        # as "unset"): the service registers versions that are not a default without one.
+        "default_workers_per_model": 0,
         "max_request_size": 16 << 20,
         "max_response_size": 16 << 20,
         "install_py_dep_per_model": "false",

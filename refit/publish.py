@@ -199,8 +199,10 @@ class Publisher:
     # --- defaults and deletion -------------------------------------------------------------------
 
     def promote(self, model: str, version: str) -> None:
-        """Make ``version`` the default: TorchServe first, then the registry (the truth)."""
+        """Make ``version`` the default: TorchServe first (with a worker running, as defaults
+        have: it may have had none), then the registry (the truth)."""
         self._register(self.registry.get(model, version))
+        self.torchserve.scale(model, version, 1, timeout_s=self.torchserve.register_timeout_s)
         self.torchserve.set_default(model, version)
         self.registry.set_default(model, version)
 

@@ -4,8 +4,13 @@ TorchServe may run as several replicas (``Targets``): one ``host:port``, a comma
 ``dns:///name:port``, one name resolving to every replica (a Kubernetes headless Service).
 Predicts are spread over the replicas in rotation by gRPC's own client-side load balancing
 (round_robin), and gRPC retries a Predict that failed with UNAVAILABLE once, on another replica.
-Management calls (register, set default, unregister) go to every replica; the service's
+Management calls (register, set default, scale, unregister) go to every replica; the service's
 reconciler also calls each replica on its own and decides which are in rotation.
+
+Workers: a version may be registered with no worker (it then costs no worker process) and scaled
+up when a Predict names it. TorchServe's gRPC API reads 0 workers as "unset" (its default, one),
+so scaling down to 0 uses its REST management API, the one call that can express it; each
+replica's REST address is optional (``Targets.rest``), and without it versions are not scaled down.
 
 Channels are created once and reused; every call has a deadline; TorchServe's failures become
 the service's domain errors here and nowhere else.
@@ -13,18 +18,24 @@ the service's domain errors here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf import empty_pb2
 
-from refit.errors import DeadlineExceeded, NotFound, RefitError, Unavailable
+from refit.errors import DeadlineExceeded, FailedPrecondition, NotFound, RefitError, Unavailable
+from refit.identifiers import VERSION
 from refit.registry import Batching
 from refit.torchserve_api import (
     inference_pb2,
@@ -69,12 +80,17 @@ class ModelNotLoaded(RefitError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class NoWorker(RefitError):
+    """TorchServe holds the version but runs no worker for it (scaled to 0): scale it up."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 @dataclass(frozen=True)
 class ServedVersion:
     model: str
     version: str
-    is_default: bool
-    workers: int
+    workers: int  # TorchServe 0.12's describe does not say which version is the default
 
 
 @dataclass(frozen=True)
@@ -84,58 +100,73 @@ class Replica:
     name: str
     inference: str
     management: str
+    rest: str = ""  # its REST management API (scaling to 0 workers); "": not configured
 
 
 @dataclass(frozen=True)
 class Targets:
-    """Where TorchServe's replicas are (REFIT_TORCHSERVE_INFERENCE and _MANAGEMENT)."""
+    """Where TorchServe's replicas are (REFIT_TORCHSERVE_INFERENCE, _MANAGEMENT and, optionally,
+    _MANAGEMENT_REST)."""
 
     inference: tuple[str, ...]
     management: tuple[str, ...]
     dns_name: str = ""  # set: the replicas are every IPv4 address this name resolves to
+    rest: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, inference: str, management: str) -> Targets:
-        """``host:port``, ``h1:p1,h2:p2`` (both lists in the same order) or ``dns:///name:port``
-        (both naming the same host, each with its own port)."""
-        dns = [target.startswith(DNS_SCHEME) for target in (inference, management)]
+    def parse(cls, inference: str, management: str, rest: str = "") -> Targets:
+        """``host:port``, ``h1:p1,h2:p2`` (all lists in the same order) or ``dns:///name:port``
+        (all naming the same host, each with its own port)."""
+        given = [inference, management] + ([rest] if rest else [])
+        dns = [target.startswith(DNS_SCHEME) for target in given]
         if any(dns):
             if not all(dns):
                 raise ValueError(
-                    "REFIT_TORCHSERVE_INFERENCE and _MANAGEMENT must both be dns:///NAME:PORT "
-                    f"or both host:port lists (got {inference!r} and {management!r})"
+                    "REFIT_TORCHSERVE_INFERENCE and _MANAGEMENT (and _MANAGEMENT_REST when set) "
+                    "must both be dns:///NAME:PORT or all host:port lists "
+                    f"(got {', '.join(map(repr, given))})"
                 )
-            inference_host, _ = _split(inference.removeprefix(DNS_SCHEME))
-            management_host, _ = _split(management.removeprefix(DNS_SCHEME))
-            if inference_host != management_host:
+            names = [target.removeprefix(DNS_SCHEME) for target in given]
+            hosts = {_split(name)[0] for name in names}
+            if len(hosts) != 1:
                 raise ValueError(
-                    f"dns:/// targets must name the same host (got {inference_host!r} and "
-                    f"{management_host!r}): each resolved address is one TorchServe replica"
+                    f"dns:/// targets must name the same host (got {', '.join(sorted(hosts))}): "
+                    "each resolved address is one TorchServe replica"
                 )
-            return cls(
-                (inference.removeprefix(DNS_SCHEME),),
-                (management.removeprefix(DNS_SCHEME),),
-                inference_host,
-            )
-        inference_list = tuple(t.strip() for t in inference.split(","))
-        management_list = tuple(t.strip() for t in management.split(","))
-        if len(inference_list) != len(management_list):
+            return cls((names[0],), (names[1],), hosts.pop(), tuple(names[2:]))
+        lists = [tuple(t.strip() for t in target.split(",")) for target in given]
+        if len(lists[0]) != len(lists[1]):
             raise ValueError(
-                f"REFIT_TORCHSERVE_INFERENCE lists {len(inference_list)} replicas and "
-                f"_MANAGEMENT {len(management_list)}: give both for every replica, in one order"
+                f"REFIT_TORCHSERVE_INFERENCE lists {len(lists[0])} replicas and "
+                f"_MANAGEMENT {len(lists[1])}: give both for every replica, in one order"
             )
-        for target in inference_list + management_list:
+        if rest and len(lists[2]) != len(lists[0]):
+            raise ValueError(
+                f"REFIT_TORCHSERVE_MANAGEMENT_REST lists {len(lists[2])} replicas and "
+                f"_MANAGEMENT {len(lists[1])}: give it for every replica, in the same order"
+            )
+        for target in sum(lists, ()):
             _split(target)
-        return cls(inference_list, management_list)
+        return cls(lists[0], lists[1], rest=lists[2] if rest else ())
 
     def replicas(self) -> list[Replica]:
         """The replicas now: a DNS name is resolved on every call (replicas come and go)."""
         if not self.dns_name:
-            return [Replica(m, i, m) for i, m in zip(self.inference, self.management, strict=True)]
+            rest = self.rest or ("",) * len(self.management)
+            return [
+                Replica(m, i, m, r)
+                for i, m, r in zip(self.inference, self.management, rest, strict=True)
+            ]
         _, inference_port = _split(self.inference[0])
         _, management_port = _split(self.management[0])
+        rest_port = _split(self.rest[0])[1] if self.rest else 0
         return [
-            Replica(f"{ip}:{management_port}", f"{ip}:{inference_port}", f"{ip}:{management_port}")
+            Replica(
+                f"{ip}:{management_port}",
+                f"{ip}:{inference_port}",
+                f"{ip}:{management_port}",
+                f"{ip}:{rest_port}" if rest_port else "",
+            )
             for ip in resolve_ipv4(self.dns_name)
         ]
 
@@ -185,11 +216,12 @@ class TorchServeClient:
         timeout_s: float = 10.0,
         register_timeout_s: float = 180.0,
         observe: CallObserver | None = None,
+        management_rest: str = "",
     ) -> None:
         self.observe = observe or (lambda call, seconds, error: None)
         self.timeout_s = timeout_s
         self.register_timeout_s = register_timeout_s
-        self.targets = Targets.parse(inference_target, management_target)
+        self.targets = Targets.parse(inference_target, management_target, management_rest)
         self._lock = threading.Lock()
         self._replicas: dict[str, ReplicaClient] = {}
         self._target = ""
@@ -292,13 +324,35 @@ class TorchServeClient:
         return list(served.values())
 
     def register(
-        self, model: str, version: str, url: str, *, batching: Batching | None = None
+        self,
+        model: str,
+        version: str,
+        url: str,
+        *,
+        batching: Batching | None = None,
+        workers: int = 1,
     ) -> None:
         """Loads the archive at ``url`` on every reachable replica that lacks the version, with
-        the version's batching settings."""
+        the version's batching settings and ``workers`` workers."""
         self._each_replica(
-            f"register {model} v{version}", lambda r: r.ensure(model, version, url, batching)
+            f"register {model} v{version}",
+            lambda r: r.ensure(model, version, url, batching, workers),
         )
+
+    def scale(self, model: str, version: str, workers: int, timeout_s: float) -> None:
+        """Runs ``workers`` workers for the version on every reachable replica, in parallel;
+        returns once they are up (scaling up starts a worker process: seconds)."""
+
+        def scale(replica: ReplicaClient) -> bool:
+            try:
+                replica.scale(model, version, workers, timeout_s)
+            except NotFound:
+                return False  # not registered there yet: the reconciler registers it
+            return True
+
+        what = f"scale {model} v{version} to {workers} workers"
+        if not any(self._each_replica(what, scale, parallel=True)):
+            raise ModelNotLoaded(f"{model} v{version} is published but not loaded yet; retry")
 
     def set_default(self, model: str, version: str) -> None:
         self._each_replica(
@@ -318,17 +372,31 @@ class TorchServeClient:
         if not any(self._each_replica(f"unregister {model} v{version}", unload)):
             raise NotFound(f"no TorchServe replica holds {model} v{version}")
 
-    def _each_replica(self, what: str, action: Callable[[ReplicaClient], object]) -> list:
-        """Runs ``action`` on every replica; returns the answers of those reached. Unreachable
-        replicas are skipped (the service's reconciler brings them in line when they answer
-        again) unless none was reached. Any other failure is raised."""
+    def _each_replica(
+        self, what: str, action: Callable[[ReplicaClient], object], parallel: bool = False
+    ) -> list:
+        """Runs ``action`` on every replica (``parallel``: at once); returns the answers of those
+        reached. Unreachable replicas are skipped (the service's reconciler brings them in line
+        when they answer again) unless none was reached. Any other failure is raised."""
         answers, unreachable = [], []
         replicas = self.replicas()
-        for replica in replicas:
+
+        def attempt(replica: ReplicaClient) -> tuple[object, Unavailable | None]:
             try:
-                answers.append(action(replica))
+                return action(replica), None
             except Unavailable as exc:
-                unreachable.append(f"{replica.name}: {exc.message}")
+                return None, exc
+
+        if parallel and len(replicas) > 1:
+            with ThreadPoolExecutor(len(replicas), thread_name_prefix="replicas") as pool:
+                outcomes = list(pool.map(attempt, replicas))
+        else:
+            outcomes = [attempt(replica) for replica in replicas]
+        for replica, (answer, failure) in zip(replicas, outcomes, strict=True):
+            if failure is None:
+                answers.append(answer)
+            else:
+                unreachable.append(f"{replica.name}: {failure.message}")
         if not answers:
             where = "; ".join(unreachable) or f"{self.targets.dns_name} resolves to no address"
             raise Unavailable(f"no TorchServe replica answered ({what}): {where}; retry shortly")
@@ -369,20 +437,42 @@ class ReplicaClient:
             yield ServedVersion(
                 model=entry["modelName"],
                 version=entry["modelVersion"],
-                is_default=bool(entry.get("isDefaultVersion", False)),
                 workers=len(entry.get("workers", [])),
             )
 
-    def ensure(self, model: str, version: str, url: str, batching: Batching | None = None) -> None:
+    def ensure(
+        self,
+        model: str,
+        version: str,
+        url: str,
+        batching: Batching | None = None,
+        workers: int = 1,
+    ) -> None:
         """Registers the version unless this replica holds it already (also when another caller,
         e.g. a publisher beside the reconciler, registered it at the same moment)."""
         if self.holds(model, version):
             return
         try:
-            self.register(model, url, batching=batching)
+            self.register(model, url, workers=workers, batching=batching)
         except RefitError:
             if not self.holds(model, version):
                 raise
+        if not self.holds(model, version):
+            self._withdraw_misread(model)
+            raise RefitError(
+                f"TorchServe loaded the archive at {url.split('?', 1)[0]} but not as {model} "
+                f"v{version}: it is not a model archive of that version (its manifest is "
+                "missing or names another version)"
+            )
+
+    def _withdraw_misread(self, model: str) -> None:
+        """Unloads versions no refit record can name (an archive without a manifest loads
+        as "1.0" when no worker starts to reject it)."""
+        with contextlib.suppress(NotFound):
+            for served in list(self._describe(model)):
+                if not VERSION.fullmatch(served.version):
+                    with contextlib.suppress(NotFound):
+                        self.unregister(model, served.version)
 
     def register(
         self,
@@ -393,7 +483,9 @@ class ReplicaClient:
         batching: Batching | None = None,
     ) -> None:
         """Registers an archive from ``url`` and waits until its workers are up; ``batching``:
-        the version's recorded settings (None: TorchServe's default, one request at a time)."""
+        the version's recorded settings (None: TorchServe's default, one request at a time).
+        ``workers=0`` registers it without a worker when TorchServe runs with
+        ``default_workers_per_model=0`` (refit's configuration): gRPC reads 0 as "unset"."""
         options = {"model_name": model, "initial_workers": workers, "synchronous": True}
         if batching is not None:
             options |= {
@@ -425,6 +517,49 @@ class ReplicaClient:
         with self._call("unregister", f"{model} v{version}"):
             self._management.UnregisterModel(request, timeout=self.owner.timeout_s)
 
+    def scale(self, model: str, version: str, workers: int, timeout_s: float) -> None:
+        """Runs exactly ``workers`` workers for the version, waiting until they are up."""
+        if workers == 0:
+            self._scale_to_zero(model, version)
+            return
+        request = management_pb2.ScaleWorkerRequest(
+            model_name=model,
+            model_version=version,
+            min_worker=workers,
+            max_worker=workers,
+            synchronous=True,
+        )
+        with self._call("scale_up", f"{model} v{version}"):
+            self._management.ScaleWorker(request, timeout=timeout_s)
+
+    def _scale_to_zero(self, model: str, version: str) -> None:
+        """Through the REST management API: gRPC's ScaleWorker reads 0 workers as "unset"."""
+        subject = f"{model} v{version} on {self.name}"
+        if not self.replica.rest:
+            raise FailedPrecondition(
+                f"cannot scale {subject} to 0 workers: set REFIT_TORCHSERVE_MANAGEMENT_REST"
+            )
+        query = urllib.parse.urlencode({"min_worker": 0, "max_worker": 0, "synchronous": "true"})
+        path = f"{urllib.parse.quote(model)}/{urllib.parse.quote(version)}"
+        request = urllib.request.Request(
+            f"http://{self.replica.rest}/models/{path}?{query}", method="PUT"
+        )
+        start, error = time.perf_counter(), None
+        try:
+            with urllib.request.urlopen(request, timeout=self.owner.timeout_s):
+                pass
+        except urllib.error.HTTPError as exc:
+            error = "NOT_FOUND" if exc.code == 404 else "INTERNAL"
+            detail = exc.read().decode(errors="replace")[:300]
+            if exc.code == 404:
+                raise NotFound(f"TorchServe has no {subject}: {detail}") from exc
+            raise RefitError(f"TorchServe scale_down failed for {subject}: {detail}") from exc
+        except OSError as exc:
+            error = "UNAVAILABLE"
+            raise Unavailable(f"TorchServe's REST API is unreachable ({exc}); retry") from exc
+        finally:
+            self.owner.observe("scale_down", time.perf_counter() - start, error)
+
     def _call(self, call: str, subject: str) -> AbstractContextManager[None]:
         return _call(self.owner.observe, call, f"{subject} on {self.name}")
 
@@ -448,6 +583,8 @@ def _translate(exc: grpc.RpcError, call: str, subject: str) -> RefitError:
         return Unavailable(f"TorchServe is unreachable ({details}); retry shortly")
     # TorchServe answers an unknown model with INTERNAL "Model not found: NAME" (0.12).
     unknown = code == grpc.StatusCode.INTERNAL and "model not found" in details.lower()
+    if call == "predict" and "has no worker" in details:
+        return NoWorker(f"{subject} has no worker running in TorchServe (scaled to 0)")
     if code == grpc.StatusCode.NOT_FOUND or unknown:
         if call == "predict":
             return ModelNotLoaded(f"{subject} is published but not loaded in TorchServe yet; retry")

@@ -8,6 +8,13 @@ listing (a promotion made through another service replica), and a replica that s
 answering, lost its models (restarted), came back or joined (DNS). A replica found so leaves the
 Predict rotation at once; a pass registers everything on it and puts it back.
 
+Versions are registered without a TorchServe worker, except each model's default (one worker,
+within the ``Workers`` budget): workers for the rest start on demand (service/workers.py), and
+a pass tells ``Workers`` what each replica runs. TorchServe's default is set only when this
+reconciler has not set it on that replica yet (TorchServe 0.12's describe does not say which
+version is the default), so a pass where nothing changed makes no management call but the
+listing and the describes.
+
 Each version is reconciled on its own, on each replica: one that TorchServe refuses (a broken
 archive) is reported (log, metrics, its registration in GetModel) and retried with exponential
 backoff, and the others go on. A model whose default names no version record is reported as the
@@ -22,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from refit.errors import NotFound, RefitError, Unavailable
 from refit.identifiers import check_model_name
@@ -29,6 +37,7 @@ from refit.registry import ModelNotFound, Registry, VersionRecord
 from refit.storage import ObjectStore
 from refit.torchserve import ReplicaClient, ServedVersion, TorchServeClient
 from service import metrics
+from service.workers import Observation, Workers
 
 log = logging.getLogger(__name__)
 MISS_REFRESH_INTERVAL_S = 1.0  # unknown names re-read the registry at most this often
@@ -144,6 +153,7 @@ class RetryPolicy:
 
 # (model, version) -> replica name -> its registration there
 Registrations = dict[tuple[str, str], dict[str, Registration]]
+WorkerCounts = dict[tuple[str, str], int]  # one replica: (model, version) -> its workers there
 
 
 class Reconciler:
@@ -155,6 +165,7 @@ class Reconciler:
         torchserve: TorchServeClient,
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        workers: Workers | None = None,
     ) -> None:
         self.catalog = catalog
         self.store = store
@@ -162,6 +173,10 @@ class Reconciler:
         self.torchserve = torchserve
         self.retry = retry or RetryPolicy()
         self.clock = clock
+        self.workers = workers
+        # replica -> model -> the default this reconciler set there (forgotten when the replica
+        # is unreachable or lost the version: it may have restarted)
+        self._defaults_set: dict[str, dict[str, str]] = {}
         self.healthy = threading.Event()  # set after a pass in which a replica served every default
         self._registrations: Registrations = {}
         self._problems: dict[str, str] = {}
@@ -209,10 +224,11 @@ class Reconciler:
         ] = {}  # replica -> model -> why its default is not served
         reachable: dict[str, bool] = {}
         in_line: list[ReplicaClient] = []
+        counts: list[WorkerCounts] = []
         registered = 0
         for replica in self.torchserve.replicas():
             try:
-                made, troubles[replica.name] = self._reconcile_replica(
+                made, troubles[replica.name], replica_counts = self._reconcile_replica(
                     replica, entries, registrations
                 )
             except Unavailable as exc:
@@ -220,6 +236,7 @@ class Reconciler:
                 self._mark_unreachable(replica, entries, registrations, exc.message)
                 continue
             reachable[replica.name] = True
+            counts.append(replica_counts)
             registered += made
             if not troubles[replica.name]:
                 in_line.append(replica)
@@ -245,6 +262,9 @@ class Reconciler:
             problems,
         )
         metrics.observe_replicas(reachable, {r.name for r in in_line})
+        if self.workers is not None:
+            self.workers.observe(_observation(entries, counts))
+            self.workers.warm_defaults()
         if in_line:
             self.healthy.set()
         else:
@@ -279,24 +299,40 @@ class Reconciler:
 
     def _reconcile_replica(
         self, replica: ReplicaClient, entries: list[ModelEntry], registrations: Registrations
-    ) -> tuple[int, dict[str, str]]:
-        """Every version and default on one replica. Returns the registrations it made and, per
-        model, why the replica does not serve its default (none: the replica is in line)."""
+    ) -> tuple[int, dict[str, str], WorkerCounts]:
+        """Every version and default on one replica. Returns the registrations it made, per
+        model why the replica does not serve its default (none: the replica is in line), and
+        the workers each version has there now."""
         served = {(v.model, v.version): v for v in replica.served_versions()}
+        mine = {(e.name, r.version) for e in entries for r in e.versions}
+        counts = {key: version.workers for key, version in served.items() if key in mine}
         made, troubles = 0, {}
         for entry in entries:
             records = sorted(entry.versions, key=lambda r: r.version != entry.default_version)
             for record in records:  # the default first: it decides whether the replica is in line
                 key = (entry.name, record.version)
-                state = self._reconcile_version(replica, record, served)
+                workers = self._workers_at_registration(entry, record, counts)
+                state = self._reconcile_version(replica, record, served, workers)
                 registrations.setdefault(key, {})[replica.name] = state
-                made += key not in served and state.state == REGISTERED
+                if key not in served and state.state == REGISTERED:
+                    made += 1
+                    counts[key] = workers
             if _default_problem(entry) is not None:
                 continue  # no default, or one without a record: the model's problem
             trouble = self._restore_default(replica, entry, served, registrations)
             if trouble:
                 troubles[entry.name] = trouble
-        return made, troubles
+        return made, troubles, counts
+
+    def _workers_at_registration(
+        self, entry: ModelEntry, record: VersionRecord, counts: WorkerCounts
+    ) -> int:
+        """A default gets a worker (within the budget); every other version starts on demand."""
+        if record.version != entry.default_version:
+            return 0
+        if self.workers is None:
+            return 1
+        return self.workers.default_workers(sum(1 for n in counts.values() if n))
 
     def _mark_unreachable(
         self,
@@ -306,6 +342,7 @@ class Reconciler:
         reason: str,
     ) -> None:
         log.warning("TorchServe replica %s is unreachable: %s", replica.name, reason)
+        self._defaults_set.pop(replica.name, None)  # it may come back restarted
         for entry in entries:
             for record in entry.versions:
                 previous = self._previous(record.model, record.version, replica.name)
@@ -323,6 +360,7 @@ class Reconciler:
         replica: ReplicaClient,
         record: VersionRecord,
         served: dict[tuple[str, str], ServedVersion],
+        workers: int = 0,
     ) -> Registration:
         key = (record.model, record.version)
         if key in served:
@@ -337,6 +375,7 @@ class Reconciler:
                 record.version,
                 self.store.url(self.bucket, record.archive_key),
                 batching=record.batching,
+                workers=workers,
             )
         except Unavailable:
             raise  # the replica itself is gone: the rest of its pass is moot
@@ -358,14 +397,17 @@ class Reconciler:
         served: dict[tuple[str, str], ServedVersion],
         registrations: Registrations,
     ) -> str:
-        """Makes the replica's default the registry's; returns the trouble, if any."""
+        """Makes the replica's default the registry's; returns the trouble, if any. Calls
+        TorchServe only when this reconciler has not set that default there yet, or the
+        replica had lost the version (restarted)."""
         default = entry.default_version or ""
         key = (entry.name, default)
         if registrations[key][replica.name].state != REGISTERED:
             return f"its default v{default} is not loaded in TorchServe"
-        current = served.get(key)
-        if current is not None and current.is_default:
+        defaults_set = self._defaults_set.setdefault(replica.name, {})
+        if key in served and defaults_set.get(entry.name) == default:
             return ""
+        defaults_set.pop(entry.name, None)
         try:
             replica.set_default(entry.name, default)
         except Unavailable:
@@ -376,6 +418,7 @@ class Reconciler:
                 default, entry.name, replica.name, exc.message,
             )  # fmt: skip
             return f"TorchServe did not make v{default} its default: {exc.message}"
+        defaults_set[entry.name] = default
         return ""
 
     # --- the loops -------------------------------------------------------------------------------
@@ -449,6 +492,29 @@ class Reconciler:
         if unreachable:  # a replica is down: look again soon (the watch also wakes us)
             due.append(self.clock() + self.retry.first_s)
         return max(min(due, default=float("inf")) - self.clock(), 0.0)
+
+
+def _observation(entries: list[ModelEntry], counts: list[WorkerCounts]) -> Observation:
+    """What ``Workers`` needs from a pass (``counts`` has the registry's versions only: a
+    TorchServe may hold others): versions held, with a worker somewhere, with one on every
+    reachable replica; the defaults; when each version was published."""
+    created = {
+        (record.model, record.version): _epoch(record.created_at)
+        for entry in entries
+        for record in entry.versions
+    }
+    registered = {key for replica in counts for key in replica}
+    holding = {key for replica in counts for key, n in replica.items() if n}
+    ready = {key for key in holding if all(replica.get(key, 0) for replica in counts)}
+    defaults = {(e.name, e.default_version) for e in entries if e.default_version}
+    return Observation(registered, holding, ready, defaults, created)
+
+
+def _epoch(timestamp: str) -> float:
+    try:
+        return datetime.fromisoformat(timestamp).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _default_problem(entry: ModelEntry) -> str | None:

@@ -60,6 +60,8 @@ class ServiceSettings:
     metrics_address: str = "127.0.0.1:9101"
     torchserve_inference: str = "127.0.0.1:7070"
     torchserve_management: str = "127.0.0.1:7071"
+    # TorchServe's REST management API, for scaling versions to 0 workers ("": not scaled down)
+    torchserve_management_rest: str = ""
     bucket: str = "refit"
     max_image_bytes: int = 8 * MiB
     max_image_pixels: int = 40_000_000  # more decoded pixels than this: a decompression bomb
@@ -69,6 +71,10 @@ class ServiceSettings:
     # Between passes: the registry's listing and each TorchServe replica are checked this often
     # (a promotion through another service replica, a replica that died, restarted or joined).
     watch_interval_s: float = 1.0
+    idle_worker_s: float = 300.0  # a version that is not a default loses its worker when idle
+    candidate_warm_s: float = 600.0  # a new version keeps its worker this long after publishing
+    max_warm_workers: int = 10  # most versions holding a worker at once (0: no bound)
+    scale_up_timeout_s: float = 60.0  # a Predict waits this long for a version's worker to start
     reconcile_retry_s: float = 2.0  # first wait before retrying a version TorchServe refused
     reconcile_retry_max_s: float = 300.0  # the backoff doubles up to this
     stream_window: int = 8  # PredictStream images in flight at once per call
@@ -83,7 +89,17 @@ class ServiceSettings:
     tls: TlsSettings = field(default_factory=TlsSettings)
 
     def __post_init__(self) -> None:
-        Targets.parse(self.torchserve_inference, self.torchserve_management)  # ValueError: bad
+        Targets.parse(  # ValueError: bad targets
+            self.torchserve_inference,
+            self.torchserve_management,
+            self.torchserve_management_rest,
+        )
+        if self.idle_worker_s <= 0 or self.scale_up_timeout_s <= 0 or self.max_warm_workers < 0:
+            raise ValueError(
+                "REFIT_IDLE_WORKER_S and REFIT_SCALE_UP_TIMEOUT_S must be > 0 and "
+                f"REFIT_MAX_WARM_WORKERS >= 0 (got {self.idle_worker_s}, "
+                f"{self.scale_up_timeout_s}, {self.max_warm_workers})"
+            )
         if self.watch_interval_s <= 0:
             raise ValueError(f"REFIT_WATCH_INTERVAL_S must be > 0 (got {self.watch_interval_s})")
         if not 0 < self.max_streams < self.workers:
@@ -105,6 +121,15 @@ class ServiceSettings:
             ),
             torchserve_management=env.get(
                 "REFIT_TORCHSERVE_MANAGEMENT", defaults.torchserve_management
+            ),
+            torchserve_management_rest=env.get(
+                "REFIT_TORCHSERVE_MANAGEMENT_REST", defaults.torchserve_management_rest
+            ),
+            idle_worker_s=float(env.get("REFIT_IDLE_WORKER_S", defaults.idle_worker_s)),
+            candidate_warm_s=float(env.get("REFIT_CANDIDATE_WARM_S", defaults.candidate_warm_s)),
+            max_warm_workers=int(env.get("REFIT_MAX_WARM_WORKERS", defaults.max_warm_workers)),
+            scale_up_timeout_s=float(
+                env.get("REFIT_SCALE_UP_TIMEOUT_S", defaults.scale_up_timeout_s)
             ),
             bucket=env.get("REFIT_BUCKET", defaults.bucket),
             max_image_bytes=int(env.get("REFIT_MAX_IMAGE_BYTES", defaults.max_image_bytes)),

@@ -69,6 +69,26 @@ REPLICA_IN_ROTATION = Gauge(
     "1 while a TorchServe replica serves every default and gets Predicts",
     ["replica"],
 )
+WARM_VERSIONS = Gauge(
+    "refit_warm_versions",
+    "Published versions holding a TorchServe worker now (on some replica), as the service sees it",
+)
+WORKER_SCALE_UPS = Counter(
+    "refit_worker_scale_ups_total",
+    "Workers started because a Predict named a version without one, by outcome "
+    "(ok, timeout, failed)",
+    ["outcome"],
+)
+WORKER_SCALE_UP_SECONDS = Histogram(
+    "refit_worker_scale_up_seconds",
+    "Time to start a version's worker on every replica (a cold Predict waits this long)",
+    buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120),
+)
+WORKER_SCALE_DOWNS = Counter(
+    "refit_worker_scale_downs_total",
+    "Workers stopped, by reason (idle, budget) and outcome (ok, failed)",
+    ["reason", "outcome"],
+)
 MODEL_PROBLEM = Gauge(
     "refit_model_problem",
     "1 while a model cannot be served as published (GetModel says why)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -11,11 +12,12 @@ from typing import TypeVar
 
 from refit.errors import InvalidArgument
 from refit.identifiers import check_model_name, check_version
-from refit.torchserve import TorchServeClient
+from refit.torchserve import NoWorker, TorchServeClient
 from service.catalog import ModelCatalog
 from service.config import ServiceSettings
 from service.images import inspect_image
 from service.metrics import PREDICTIONS
+from service.workers import Workers
 
 DEFAULT_TOP_K = 5
 In = TypeVar("In")
@@ -38,11 +40,16 @@ class PredictResult:
 
 class Predictor:
     def __init__(
-        self, settings: ServiceSettings, catalog: ModelCatalog, torchserve: TorchServeClient
+        self,
+        settings: ServiceSettings,
+        catalog: ModelCatalog,
+        torchserve: TorchServeClient,
+        workers: Workers | None = None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.torchserve = torchserve
+        self.workers = workers or Workers(torchserve)
 
     def predict(
         self,
@@ -64,7 +71,7 @@ class Predictor:
         )
         record = self.catalog.resolve(model, version)
         k = min(top_k or DEFAULT_TOP_K, len(record.class_names))
-        answer = self.torchserve.predict(model, record.version, image, k, timeout_s)
+        answer = self._ask(model, record.version, image, k, timeout_s)
         if "error" in answer:
             raise InvalidArgument(f"image could not be decoded: {answer['error']}")
         PREDICTIONS.labels(model, record.version).inc()
@@ -72,6 +79,22 @@ class Predictor:
             Prediction(p["label"], p["score"], p["index"]) for p in answer["predictions"]
         ]
         return PredictResult(model, record.version, predictions)
+
+    def _ask(self, model: str, version: str, image: bytes, k: int, timeout_s: float | None) -> dict:
+        """TorchServe's answer, after starting a worker for the version if it has none (once
+        more if TorchServe says it has none: another service scaled it down, or a restart)."""
+        start = time.monotonic()
+
+        def left() -> float | None:
+            return None if timeout_s is None else timeout_s - (time.monotonic() - start)
+
+        with self.workers.serving(model, version, left()):
+            try:
+                return self.torchserve.predict(model, version, image, k, left())
+            except NoWorker:
+                self.workers.lost(model, version)
+                self.workers.ensure(model, version, left())
+                return self.torchserve.predict(model, version, image, k, left())
 
 
 def ordered_map(

@@ -28,6 +28,7 @@ from service.metrics import MetricsInterceptor, observe_upstream
 from service.predictions import Predictor
 from service.servicer import RefitServicer
 from service.trainer_client import TrainerClient
+from service.workers import WorkerPolicy, Workers
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = refit_pb2.DESCRIPTOR.services_by_name["Refit"].full_name
@@ -44,6 +45,7 @@ class RefitServer:
     stop_event: threading.Event
     trainer: TrainerClient
     monitor: JobMonitor
+    workers: Workers
 
     def start(self, reconcile_interval_s: float, watch_interval_s: float = 1.0) -> None:
         self.server.start()
@@ -63,6 +65,9 @@ class RefitServer:
         threading.Thread(
             target=self.monitor.run_forever, args=(self.stop_event,), daemon=True, name="jobs"
         ).start()
+        threading.Thread(
+            target=self.workers.run_forever, args=(self.stop_event,), daemon=True, name="workers"
+        ).start()
 
     def stop(self, grace_s: float = 5.0) -> None:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -70,6 +75,7 @@ class RefitServer:
         self.reconciler.wake()
         self.monitor.stop()
         self.server.stop(grace_s).wait()
+        self.workers.close()
         self.torchserve.close()
         self.trainer.close()
 
@@ -103,11 +109,21 @@ def build_server(settings: ServiceSettings) -> RefitServer:
         timeout_s=settings.upstream_timeout_s,
         register_timeout_s=settings.register_timeout_s,
         observe=observe,
+        management_rest=settings.torchserve_management_rest,
     )
+    policy = WorkerPolicy(
+        settings.idle_worker_s,
+        settings.candidate_warm_s,
+        settings.max_warm_workers,
+        settings.scale_up_timeout_s,
+    )
+    workers = Workers(torchserve, policy)
     retry = RetryPolicy(settings.reconcile_retry_s, settings.reconcile_retry_max_s)
-    reconcilers.append(Reconciler(catalog, store, settings.bucket, torchserve, retry))
+    reconcilers.append(
+        Reconciler(catalog, store, settings.bucket, torchserve, retry, workers=workers)
+    )
     reconciler = reconcilers[0]
-    predictor = Predictor(settings, catalog, torchserve)
+    predictor = Predictor(settings, catalog, torchserve, workers)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="grpc"),
         interceptors=_interceptors(settings),
@@ -131,6 +147,7 @@ def build_server(settings: ServiceSettings) -> RefitServer:
         threading.Event(),
         trainer,
         JobMonitor(trainer, catalog),
+        workers,
     )
 
 

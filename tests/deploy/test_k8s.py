@@ -435,8 +435,9 @@ def test_only_the_service_and_the_trainer_reach_torchserve(network):
     pods, reached_by, _ = network
     for port in (7070, 7071):
         assert reached_by(pods["torchserve"], port) == {"refit-service", "refit-trainer"}
-    for port in (8080, 8081):  # TorchServe's REST inference and management
-        assert reached_by(pods["torchserve"], port) == set()
+    assert reached_by(pods["torchserve"], 8080) == set()  # TorchServe's REST inference
+    # REST management: the service alone, to scale versions to 0 workers (gRPC cannot)
+    assert reached_by(pods["torchserve"], 8081) == {"refit-service"}
 
 
 def test_prometheus_alone_reaches_the_metrics_ports(network):

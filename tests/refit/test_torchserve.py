@@ -66,3 +66,16 @@ def test_the_service_refuses_bad_targets_at_start() -> None:
     }
     with pytest.raises(ValueError, match="lists 2 replicas"):
         ServiceSettings.from_env(env)
+
+
+def test_the_rest_management_addresses_pair_with_the_replicas(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    listed = Targets.parse("a:1,b:1", "a:2,b:2", "a:3,b:3")
+    assert [r.rest for r in listed.replicas()] == ["a:3", "b:3"]
+    assert [r.rest for r in Targets.parse("a:1", "a:2").replicas()] == [""]  # not configured
+    monkeypatch.setattr(torchserve, "resolve_ipv4", lambda host: ["10.0.0.1"])
+    named = Targets.parse("dns:///ts:7070", "dns:///ts:7071", "dns:///ts:8081")
+    assert named.replicas()[0].rest == "10.0.0.1:8081"
+    with pytest.raises(ValueError, match="_MANAGEMENT_REST lists 1 replicas"):
+        Targets.parse("a:1,b:1", "a:2,b:2", "a:3")

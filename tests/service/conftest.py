@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import secrets
 import socket
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +78,32 @@ def bucket_with_imagenet_archive(
     return store, name, source
 
 
+def archive_as_version(archive: bytes, version: str) -> bytes:
+    """The same .mar, its manifest naming ``version`` (TorchServe takes a version from there)."""
+    source, target = io.BytesIO(archive), io.BytesIO()
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for item in old.infolist():
+            data = old.read(item)
+            if item.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"]["modelVersion"] = version
+                data = json.dumps(manifest).encode()
+            new.writestr(item, data)
+    return target.getvalue()
+
+
+def add_version_of(
+    store: S3Store, bucket: str, source: VersionRecord, model: str, version: str
+) -> VersionRecord:
+    """``model`` ``version``: ``source``'s archive repackaged as that version, recorded."""
+    archive = archive_as_version(store.get(bucket, source.archive_key), version)
+    key = Registry.archive_key(model, hashlib.sha256(archive).hexdigest())
+    store.put(bucket, key, archive)
+    record = VersionRecord(model, version, key, source.class_names)
+    Registry(store, bucket).add(record)
+    return record
+
+
 def service_settings(
     moto_server: MotoServer, bucket: str, ports: TorchServePorts, **overrides: object
 ) -> ServiceSettings:
@@ -81,6 +111,7 @@ def service_settings(
         "grpc_address": "127.0.0.1:0",
         "torchserve_inference": f"127.0.0.1:{ports.grpc_inference}",
         "torchserve_management": f"127.0.0.1:{ports.grpc_management}",
+        "torchserve_management_rest": f"127.0.0.1:{ports.management}",
         "bucket": bucket,
         "reconcile_interval_s": 2.0,
         "storage": moto_server.settings,

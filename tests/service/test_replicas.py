@@ -50,6 +50,7 @@ def grpc_addresses(*replicas: TorchServePorts) -> dict[str, str]:
     return {
         "torchserve_inference": ",".join(f"127.0.0.1:{p.grpc_inference}" for p in replicas),
         "torchserve_management": ",".join(f"127.0.0.1:{p.grpc_management}" for p in replicas),
+        "torchserve_management_rest": ",".join(f"127.0.0.1:{p.management}" for p in replicas),
     }
 
 
