@@ -30,15 +30,15 @@ import zipfile
 from pathlib import Path
 
 import psutil
-from local_stack import running_stack
 from skimage import data
 
-from refit.client import ClientSettings, connect
+from cli.client import ClientSettings, connect
+from local_stack import running_stack
+from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.netutil import free_port
 from refit.registry import Registry, VersionRecord
 from refit.storage import StorageSettings
 from refit.torchserve import TorchServeClient
-from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from trainer.base_model import publish_base_model

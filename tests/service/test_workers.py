@@ -22,10 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client import REGISTRY
 
+from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.registry import Registry
 from refit.storage import S3Store
 from refit.torchserve import TorchServeClient
-from refit.torchserve_process import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.catalog import ModelCatalog, Reconciler
