@@ -66,6 +66,7 @@ def train_config(request: dict, settings: TrainerSettings, *, job_id: str = "",
         version=version,
         run_id=job_id or None,
         resume=True,
+        checkpoint_interval_s=settings.checkpoint_interval_s,
         log_every=1,  # every batch reaches the sink: TRAINING starts at the first one
     )
 
@@ -125,12 +126,12 @@ class TrainingRunner:
                 archive_key=result.archive_key,
                 class_names=result.class_names,
                 metrics=result.metrics,
-                lineage={
-                    **result.lineage,
-                    "base_version": job.request.get("base_version", ""),
-                    "created_by": job.request.get("created_by", ""),
-                    "job_id": job.id,
-                },
+                lineage=replace(
+                    result.lineage,
+                    base_version=job.request.get("base_version", ""),
+                    created_by=job.request.get("created_by", ""),
+                    job_id=job.id,
+                ),
                 batching=batching_for(job.request, self.settings),
             )
         else:
@@ -158,7 +159,7 @@ class TrainingRunner:
             record = registry.get(job.model, version)
         except RegistryError:
             return None
-        return record if record.lineage.get("job_id") == job.id else None
+        return record if record.lineage.job_id == job.id else None
 
     def _train(self, config: TrainConfig, context: JobContext):
         sink = _ProgressSink(context, self.settings.log_every)
