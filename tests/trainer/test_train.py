@@ -22,6 +22,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from refit.lineage import Lineage, Parent
 from refit.registry import Registry, VersionRecord
 from refit.storage import FileStore, S3Store
 from tests.conftest import MotoServer, free_port
@@ -32,27 +33,21 @@ from tests.trainer.synthetic import (
     png_bytes,
     upload_colours,
 )
+from trainer.artifacts import TrainResult
 from trainer.backbones import BackboneRegistry
 from trainer.checkpoint import CheckpointStore, load_weights
 from trainer.config import TrainConfig
-from trainer.engine import EpochStats, EvalResult, ProgressEvent, TrainingCancelled
+from trainer.datasets import Datasets
+from trainer.engine import EvalResult, ProgressEvent, TrainingCancelled
 from trainer.finetune import FineTuneModel, resolve_freeze
 from trainer.hardware import Hardware
+from trainer.loop import fit
 from trainer.package import export_torchscript
-from trainer.train import (
-    Datasets,
-    OneCycle,
-    Phase,
-    StartingPointError,
-    TrainResult,
-    _Progress,
-    _record,
-    build_model,
-    fit,
-    plan_phases,
-    preprocessing_for,
-    train_and_package,
-)
+from trainer.preprocessing import Preprocessing
+from trainer.schedule import OneCycle, Phase, plan_phases
+from trainer.selection import EpochSelection
+from trainer.starting_point import StartingPointError, build_model
+from trainer.train import train_and_package
 from trainer.transforms import eval_transform, train_transform
 
 CPU = Hardware(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
@@ -74,7 +69,7 @@ def _config(**changes: object) -> TrainConfig:
 
 
 def _data(config: TrainConfig, train: int = 96, val: int = 32) -> Datasets:
-    pre = preprocessing_for(config)
+    pre = Preprocessing.for_config(config)
     return Datasets(
         ColourDataset(train, train_transform(pre, config.augmentation), seed=1),
         ColourDataset(val, eval_transform(pre), seed=2),
@@ -127,12 +122,12 @@ def test_the_kept_epoch_is_the_latest_within_noise_of_the_top(
 
 
 def _kept_epoch(accuracies: list[float], images: int) -> int:
-    progress, model = _Progress(), torch.nn.Linear(1, 1)
+    selection, model = EpochSelection(), torch.nn.Linear(1, 1)
     for epoch, accuracy in enumerate(accuracies):
         result = EvalResult(loss=0.0, accuracy=accuracy, per_class_accuracy=[], confusion=[],
                             images=images)  # fmt: skip
-        _record(progress, epoch, EpochStats(), result, model)
-    return progress.best_epoch
+        selection.record(epoch, result, model)
+    return selection.epoch
 
 
 # --- the loop on in-memory data ------------------------------------------------------------------
@@ -213,8 +208,8 @@ def test_checkpoint_then_resume_continues_at_the_next_epoch(file_store: FileStor
             cancel=stop.is_set,
         )
     saved = checkpoints.load()
-    assert saved["epoch"] == 1 and {"model", "optimizer", "scheduler", "data"} <= saved.keys()
-    assert saved["data"]["epoch"] == 1 and saved["data"]["seen"] == train_images  # data position
+    assert saved.state.next_epoch == 2 and saved.optimizer["state"] and saved.scheduler
+    assert saved.data == {"epoch": 1, "seen": train_images}  # data position
 
     events: list[ProgressEvent] = []
     data = _data(config, train=train_images)
@@ -224,9 +219,9 @@ def test_checkpoint_then_resume_continues_at_the_next_epoch(file_store: FileStor
     )
     assert {e.epoch for e in events} == {2}  # only the last epoch ran
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
-    assert result.history[:2] == saved["history"]
+    assert result.history[:2] == saved.state.history
     assert data.train.epoch == 2
-    assert checkpoints.load()["epoch"] == 2
+    assert checkpoints.load().state.next_epoch == 3
 
 
 def test_a_version_without_stored_weights_points_to_its_backbone(file_store: FileStore) -> None:
@@ -236,7 +231,7 @@ def test_a_version_without_stored_weights_points_to_its_backbone(file_store: Fil
         version="1",
         archive_key="archives/imagenet/x.mar",
         class_names=["a", "b"],
-        lineage={"backbone": "efficientnet_lite0"},
+        lineage=Lineage(backbone="efficientnet_lite0"),
     )
     Registry(file_store, "refit").add(record)
     config = _config(init_from="imagenet:1", bucket="refit")
@@ -267,9 +262,10 @@ def test_job_stores_a_content_addressed_archive_weights_and_lineage(job) -> None
     assert store.stat(bucket, result.archive_key) is not None
     assert result.metrics["val_accuracy"] >= 0.75
     lineage = result.lineage
-    assert lineage["backbone"] == "efficientnet_lite0" and lineage["frozen_depth"] == 10
-    assert lineage["dataset_uri"] == config.dataset and lineage["dataset_objects"] == 88
-    assert len(lineage["dataset_digest"]) == 64 and lineage["weights_key"] == result.weights_key
+    assert lineage.backbone == "efficientnet_lite0" and lineage.frozen_depth == 10
+    assert lineage.dataset_uri == config.dataset and lineage.dataset_objects == 88
+    assert len(lineage.dataset_digest) == 64 and lineage.weights_key == result.weights_key
+    assert lineage.start == "imagenet" and lineage.hyperparameters == config.hyperparameters()
     assert set(result.evaluation["per_class_accuracy"]) == set(CLASS_NAMES)
     meta = _archive_meta(store, bucket, result.archive_key)
     assert meta["class_names"] == CLASS_NAMES and meta["frozen_depth"] == 10
@@ -277,7 +273,7 @@ def test_job_stores_a_content_addressed_archive_weights_and_lineage(job) -> None
     assert meta["dataset"] == {
         "uri": config.dataset,
         "objects": 88,
-        "digest": lineage["dataset_digest"],
+        "digest": lineage.dataset_digest,
     }
     assert meta["hyperparameters"]["epochs"] == 4 and "val_accuracy" in meta["metrics"]
 
@@ -301,11 +297,7 @@ def test_exported_model_matches_the_stored_weights_in_eager_mode(job) -> None:
     assert torch.allclose(eager, exported, atol=1e-4)
     traced = export_torchscript(model, SIZE)  # raises itself if traced != eager
     assert torch.allclose(traced(probe), eager, atol=1e-4)
-    assert origin["parent"] == {
-        "model": "colours",
-        "version": result.version,
-        "weights_key": result.weights_key,
-    }
+    assert origin.parent == Parent("colours", result.version, result.weights_key)
 
 
 def _publish(store: S3Store, bucket: str, result: TrainResult) -> None:

@@ -16,7 +16,8 @@ one node, or ``--rdzv-endpoint`` for several.
 The supervisor and the ranks share a private directory (``JobDir``): the config goes in; rank 0
 appends progress events and writes the result; a rank that fails writes why, in the job's own
 terms (trainer/jobs/failures.py). Checkpoints and archives go to the object store, from rank 0
-only (trainer/train.py), so a job resumes from its checkpoint whatever ran it.
+only (trainer/loop.py, trainer/artifacts.py), so a job resumes from its checkpoint whatever ran
+it.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from pathlib import Path
 
 from refit.errors import RefitError
 from refit.storage import StorageSettings
+from trainer.artifacts import TrainResult
 from trainer.config import Augmentation, TrainConfig
 from trainer.engine import EventSink, ProgressEvent
 from trainer.jobs.records import JobCancelled, JobFailed, JobInterrupted
 from trainer.jobs.torchrun import TRAINER_PID_ENV
-from trainer.train import TrainResult
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2  # how often the supervisor reads new progress events and checks for a cancel
@@ -126,13 +127,13 @@ class JobDir:
         return TrainConfig(**{**fields, "augmentation": augmentation})
 
     def write_result(self, result: TrainResult) -> None:
-        _write_json(self.result, asdict(result))
+        _write_json(self.result, result.to_dict())
 
     def read_result(self) -> TrainResult | None:
         """None when rank 0 ran on another node."""
         if not self.result.exists():
             return None
-        return TrainResult(**json.loads(self.result.read_text()))
+        return TrainResult.from_dict(json.loads(self.result.read_text()))
 
     def write_error(
         self, rank: int, error: RefitError | None, *, detail: str = "", at: float | None = None

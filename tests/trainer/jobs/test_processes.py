@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from refit.lineage import Lineage, Parent
 from refit.storage import StorageSettings
+from trainer.artifacts import TrainResult
 from trainer.config import Augmentation, TrainConfig
 from trainer.engine import ProgressEvent
 from trainer.jobs import processes
 from trainer.jobs.processes import EventTail, JobDir, Launch, launch_command, launch_env
 from trainer.jobs.records import JobCancelled, JobFailed, JobInterrupted
 from trainer.jobs.settings import TrainerSettings
-from trainer.train import TrainResult
 
 STORAGE = StorageSettings(endpoint="127.0.0.1:9000", access_key="ak", secret_key="sk", retries=5)
 
@@ -73,7 +74,8 @@ def test_config_and_result_cross_the_job_dir_unchanged(tmp_path: Path) -> None:
     result = TrainResult(
         model="m", version="2", archive_key="archives/m/x.mar", archive_digest="x",
         weights_key="weights/m/x.pt", class_names=["a", "b"], metrics={"val_accuracy": 0.5},
-        lineage={"backbone": "resnet18", "run_id": "job-1"}, evaluation={"images": 4},
+        lineage=Lineage(backbone="resnet18", run_id="job-1", parent=Parent("m", "1", "w/m/1.pt")),
+        evaluation={"images": 4},
         history=[{"epoch": 0}],
     )  # fmt: skip
     job_dir.write_result(result)
