@@ -151,6 +151,18 @@ def test_tiny_run_learns_the_classes_well_above_chance() -> None:
     assert gauge("refit_trainer_data_wait_ratio") == result.history[-1]["data_wait_ratio"]
 
 
+def test_a_final_training_batch_of_one_image_is_skipped_and_counted_as_read() -> None:
+    # 17 images in batches of 16: the last batch holds one image, and BatchNorm cannot train on
+    # one value per channel (EfficientNet's last stage is 1x1 at this crop size).
+    config = _config(epochs=1)
+    data = _data(config, train=17, val=8)
+    events: list[ProgressEvent] = []
+    result = fit(_model(config), data, config, CPU, freeze=10, on_event=events.append)
+    epoch_end = next(e for e in events if e.kind == "epoch")
+    assert epoch_end.batch == 1 and result.epochs_run == 1  # one step, then the epoch ended
+    assert data.train.seen == 17  # the skipped image counts as read: a resume will not reread it
+
+
 def test_two_phases_train_the_head_first_then_the_top_units() -> None:
     config = _config(epochs=2, head_epochs=1)
     model = _model(config)
