@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from refit.registry import Batching
-from trainer.jobs.runner import train_config
+from trainer.jobs.request import train_config
 from trainer.jobs.settings import TrainerSettings
 
 
