@@ -11,12 +11,12 @@ from pathlib import Path
 from refit.lineage import Lineage
 from refit.registry import Registry
 from refit.storage import ObjectStore
-from trainer.checkpoint import save_weights, weights_key
 from trainer.config import TrainConfig
 from trainer.finetune import FineTuneModel
 from trainer.loop import FitResult
 from trainer.package import build_archive
 from trainer.preprocessing import Preprocessing
+from trainer.weights import save_weights, weights_key
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from refit.lineage import Lineage
 from refit.registry import Batching, Registry, VersionRecord
 from refit.storage import ObjectStore, StorageSettings
 from trainer.backbones import efficientnet_lite0_imagenet
-from trainer.checkpoint import save_weights, weights_key
 from trainer.jobs.settings import TrainerSettings
 from trainer.package import build_archive
 from trainer.preprocessing import Preprocessing
+from trainer.weights import save_weights, weights_key
 
 BASE_MODEL = "imagenet"
 

@@ -1,37 +1,22 @@
-"""Training checkpoints and model weights in the object store.
+"""A run's training checkpoint in the object store.
 
 - ``CheckpointStore``: one object per run, ``checkpoints/<run id>/last.pt``, rewritten at each
   epoch's end and, in a long epoch, every ``checkpoint_interval_s`` (a single PUT is atomic in
   S3/MinIO and in FileStore). A ``Checkpoint`` holds the model, optimizer, scheduler, phase, the
   data position (epoch and images consumed, so a resumed run skips exactly those) and the
   ``TrainingState``: epochs done, the kept epoch so far, early stopping and history.
-- ``weights_key``: a plain state_dict stored next to each archive,
-  ``weights/<model>/<digest>.pt``,
-  so a published version can be the starting point of a later run.
+
+A published version's plain weights are another object (trainer/weights.py).
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass, field
 
-import torch
-
-from refit.registry import check_model_name
 from refit.storage import ObjectStore
 from trainer.engine import EvalResult
 from trainer.selection import EpochSelection
-
-
-def to_bytes(obj: object) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def from_bytes(data: bytes) -> dict:
-    # weights_only: a checkpoint holds tensors and plain containers, never code.
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+from trainer.weights import from_bytes, to_bytes
 
 
 @dataclass
@@ -118,24 +103,3 @@ class CheckpointStore:
         if self.store.stat(self.bucket, self.key) is None:
             return None
         return Checkpoint.from_dict(from_bytes(self.store.get(self.bucket, self.key)))
-
-
-def weights_key(model: str, digest: str) -> str:
-    return f"weights/{check_model_name(model)}/{digest}.pt"
-
-
-def save_weights(
-    store: ObjectStore,
-    bucket: str,
-    key: str,
-    *,
-    backbone: str,
-    class_names: list[str],
-    state_dict: dict,
-) -> None:
-    payload = {"backbone": backbone, "class_names": class_names, "state_dict": state_dict}
-    store.put(bucket, key, to_bytes(payload))
-
-
-def load_weights(store: ObjectStore, bucket: str, key: str) -> dict:
-    return from_bytes(store.get(bucket, key))

@@ -13,9 +13,9 @@ from trainer.backbones import (
     build_backbone,
     replace_head,
 )
-from trainer.checkpoint import load_weights
 from trainer.config import TrainConfig
 from trainer.finetune import FineTuneModel
+from trainer.weights import load_weights
 
 
 class StartingPointError(BackboneError):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from refit.storage import FileStore
-from trainer.checkpoint import CheckpointStore, to_bytes
+from trainer.checkpoint import CheckpointStore
+from trainer.weights import to_bytes
 
 EVAL = {"loss": 0.4, "accuracy": 0.75, "per_class_accuracy": [0.5, 1.0],
         "confusion": [[1, 1], [0, 2]], "images": 4}  # fmt: skip

@@ -32,13 +32,13 @@ from tests.trainer.synthetic import (
 )
 from trainer.artifacts import TrainResult
 from trainer.backbones import BackboneRegistry
-from trainer.checkpoint import load_weights
 from trainer.config import TrainConfig
 from trainer.engine import ProgressEvent
 from trainer.finetune import resolve_freeze
 from trainer.package import export_torchscript
 from trainer.starting_point import build_model
 from trainer.train import train_and_package
+from trainer.weights import load_weights
 
 
 @pytest.fixture(scope="module")

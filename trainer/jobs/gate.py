@@ -15,12 +15,12 @@ from refit.publish import Baseline
 from refit.registry import VersionRecord
 from refit.storage import ObjectStore
 from trainer.backbones import BackboneRegistry, replace_head
-from trainer.checkpoint import load_weights
 from trainer.config import TrainConfig
 from trainer.engine import evaluate
 from trainer.hardware import Hardware
 from trainer.preprocessing import Preprocessing
 from trainer.transforms import eval_transform
+from trainer.weights import load_weights
 
 CPU = Hardware(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
 
