@@ -6,10 +6,10 @@ none was cancelled (one tiny all-reduce): streamed shards can differ by a batch,
 steps alone would hang the others' gradient all-reduce.
 
 A training batch of one image is not stepped on: BatchNorm cannot normalise a single value per
-channel (a 1x1 feature map, e.g. EfficientNet's last stage at crops under 64 pixels), and it can
-only be an epoch's last batch. Its image still counts as read (a resume does not reread it), and
-the epoch's shuffle puts another image last next time. When any rank holds such a batch, every
-rank skips that step, so none steps alone.
+channel (a 1x1 feature map, e.g. EfficientNet's last stage at crops under 64 pixels), and only
+the end of an epoch's stream leaves one. Its image still counts as read (a resume does not
+reread it), and the epoch's shuffle puts another image last next time. When any rank holds such a
+batch, every rank skips that step, so none steps alone.
 """
 
 from __future__ import annotations
@@ -96,8 +96,12 @@ class Clock:
 
     epochs: int
     batches_per_epoch: int
-    start: float = field(default_factory=time.perf_counter)
+    now: Callable[[], float] = time.perf_counter  # seconds; tests pass a steady fake
+    start: float = field(init=False)
     done: int = 0
+
+    def __post_init__(self) -> None:
+        self.start = self.now()
 
     def tick(self) -> None:
         self.done += 1
@@ -107,7 +111,7 @@ class Clock:
         if not self.done:
             return math.inf
         remaining = (self.epochs - epoch) * self.batches_per_epoch - batch
-        rate = (time.perf_counter() - self.start) / self.done
+        rate = (self.now() - self.start) / self.done
         return max(remaining, 0) * rate
 
 
