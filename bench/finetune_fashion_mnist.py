@@ -44,16 +44,14 @@ from refit.storage import FileStore, ObjectStore, S3Store, StorageSettings
 from trainer.backbones import BackboneRegistry
 from trainer.config import NO_FREEZE, Augmentation, TrainConfig
 from trainer.data import open_dataset
+from trainer.datasets import open_datasets
 from trainer.engine import evaluate
 from trainer.finetune import FineTuneModel
 from trainer.hardware import setup_hardware
-from trainer.train import (
-    build_model,
-    fit,
-    open_datasets,
-    preprocessing_for,
-    train_and_package,
-)
+from trainer.loop import fit
+from trainer.preprocessing import Preprocessing
+from trainer.starting_point import build_model
+from trainer.train import train_and_package
 from trainer.transforms import eval_transform, train_transform
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
@@ -245,7 +243,7 @@ def score_archive(
     served and (``flip_tta``) with flip test-time augmentation."""
     with zipfile.ZipFile(io.BytesIO(store.get(BUCKET, archive_key))) as mar:
         scripted = torch.jit.load(io.BytesIO(mar.read("model.pt")))
-    transform = eval_transform(preprocessing_for(config))
+    transform = eval_transform(Preprocessing.for_config(config))
     test = open_dataset(test_uri, store=store, split="train", val_fraction=0.0, shuffle=False,
                         transform=transform, rank=0, world_size=1)  # fmt: skip
     loader = torch.utils.data.DataLoader(test, batch_size=128, num_workers=2)
@@ -293,7 +291,7 @@ def throughput(uri: str, store: ObjectStore, rounds: int, sets: list) -> dict:
     is against the faster plain loop."""
     config = replace(base_config(uri, "throughput", RECIPES[100]), epochs=2, **MODES["frozen"])
     config = with_overrides(config, sets)
-    pre = preprocessing_for(config)
+    pre = Preprocessing.for_config(config)
     hw = setup_hardware("cpu")
     rates: dict[str, list[float]] = {"engine": [], "plain": [], "plain_channels_last": []}
     formats = {"plain": torch.contiguous_format, "plain_channels_last": torch.channels_last}

@@ -102,5 +102,5 @@ def _summary(result: object, bucket: str) -> dict:
         "weights": f"s3://{bucket}/{result.weights_key}",
         "class_names": result.class_names,
         "metrics": result.metrics,
-        "lineage": result.lineage,
+        "lineage": result.lineage.to_dict(),
     }

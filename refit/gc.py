@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from refit.registry import Registry
@@ -44,7 +43,7 @@ def find_garbage(store: ObjectStore, bucket: str) -> Garbage:
     registry = Registry(store, bucket)
     records = [record for model in registry.models() for record in registry.versions(model)]
     referenced = {r.archive_key for r in records}
-    referenced.update(text for r in records for text in _strings(r.lineage))
+    referenced.update(text for r in records for text in r.lineage.strings())
     # Job records (trainer/jobs/records.py): {"id", "model", "state", ...} under jobs/.
     jobs = [
         json.loads(store.get(bucket, info.key))
@@ -85,14 +84,3 @@ def collect_garbage(store: ObjectStore, bucket: str, *, dry_run: bool = False) -
 def _model_and_digest(key: str) -> tuple[str, str]:
     parts = key.split("/")
     return (parts[1] if len(parts) > 2 else ""), parts[-1].split(".", 1)[0]
-
-
-def _strings(value: object) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _strings(item)

@@ -139,10 +139,10 @@ class Publisher:
         if self.store.stat(self.bucket, version_key(record.model, record.version)) is None:
             return None
         existing = self.registry.get(record.model, record.version)
-        if existing.lineage.get("job_id") != record.lineage.get("job_id"):
+        if existing.lineage.job_id != record.lineage.job_id:
             raise FailedPrecondition(
                 f"{record.model} v{record.version} already exists (job "
-                f"{existing.lineage.get('job_id') or 'unknown'}); versions are immutable"
+                f"{existing.lineage.job_id or 'unknown'}); versions are immutable"
             )
         return existing
 

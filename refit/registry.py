@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 from refit.errors import NotFound, RefitError
 from refit.identifiers import check_model_name, check_version
+from refit.lineage import Lineage
 from refit.storage import ObjectStore
 
 DEFAULT_BATCH_SIZE = 8
@@ -59,18 +60,19 @@ class VersionRecord:
     archive_key: str
     class_names: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
-    lineage: dict = field(default_factory=dict)
+    lineage: Lineage = field(default_factory=Lineage)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     # Records written before batching existed get today's defaults at their next registration.
     batching: Batching = field(default_factory=Batching)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1).encode()
+        return json.dumps({**asdict(self), "lineage": self.lineage.to_dict()}, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> VersionRecord:
         fields = json.loads(data)
         fields["batching"] = Batching(**fields.get("batching", {}))
+        fields["lineage"] = Lineage.from_dict(fields.get("lineage", {}))
         return cls(**fields)
 
 

@@ -9,16 +9,24 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from torchvision.models._meta import _IMAGENET_CATEGORIES
+from torchvision.models import EfficientNet_B0_Weights
 
+from refit.lineage import Lineage
 from refit.registry import Batching, Registry, VersionRecord
 from refit.storage import ObjectStore, StorageSettings
 from trainer.backbones import efficientnet_lite0_imagenet
-from trainer.checkpoint import save_weights, weights_key
 from trainer.jobs.settings import TrainerSettings
-from trainer.package import Preprocessing, build_archive
+from trainer.package import build_archive
+from trainer.preprocessing import Preprocessing
+from trainer.weights import save_weights, weights_key
 
 BASE_MODEL = "imagenet"
+
+
+def imagenet_classes() -> list[str]:
+    """ImageNet-1k's class names, in index order: torchvision's published metadata for any
+    ImageNet-1k weights (reading it downloads nothing)."""
+    return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def publish_base_model(
@@ -33,7 +41,7 @@ def publish_base_model(
     if current is not None:
         return registry.get(model_name, current)
     version = registry.next_version(model_name)
-    class_names = list(_IMAGENET_CATEGORIES)
+    class_names = imagenet_classes()
     model = efficientnet_lite0_imagenet()
     with tempfile.TemporaryDirectory() as tmp:
         archive = build_archive(
@@ -62,11 +70,11 @@ def publish_base_model(
         version=version,
         archive_key=key,
         class_names=class_names,
-        lineage={
-            "backbone": "efficientnet_lite0",
-            "dataset_uri": "imagenet-1k (pretrained)",
-            "weights_key": weights,
-        },
+        lineage=Lineage(
+            backbone="efficientnet_lite0",
+            dataset_uri="imagenet-1k (pretrained)",
+            weights_key=weights,
+        ),
         batching=batching or Batching(),
     )
     registry.add(record)

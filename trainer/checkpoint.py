@@ -1,33 +1,85 @@
-"""Training checkpoints and model weights in the object store.
+"""A run's training checkpoint in the object store.
 
-- ``CheckpointStore``: one object per run, ``checkpoints/<run id>/last.pt``, rewritten each epoch
-  (a single PUT is atomic in S3/MinIO and in FileStore): model, optimizer, scheduler, epoch, best
-  model so far, history, data position.
-- ``weights_key``: a plain state_dict stored next to each archive,
-  ``weights/<model>/<digest>.pt``,
-  so a published version can be the starting point of a later run.
+- ``CheckpointStore``: one object per run, ``checkpoints/<run id>/last.pt``, rewritten at each
+  epoch's end and, in a long epoch, every ``checkpoint_interval_s`` (a single PUT is atomic in
+  S3/MinIO and in FileStore). A ``Checkpoint`` holds the model, optimizer, scheduler, phase, the
+  data position (epoch and images consumed, so a resumed run skips exactly those) and the
+  ``TrainingState``: epochs done, the kept epoch so far, early stopping and history.
+
+A published version's plain weights are another object (trainer/weights.py).
 """
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
-import torch
-
-from refit.registry import check_model_name
 from refit.storage import ObjectStore
+from trainer.engine import EvalResult
+from trainer.selection import EpochSelection
+from trainer.weights import from_bytes, to_bytes
 
 
-def to_bytes(obj: object) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
+@dataclass
+class TrainingState:
+    """Where a run stands between batches."""
+
+    next_epoch: int = 0  # the first epoch not completed
+    selection: EpochSelection = field(default_factory=EpochSelection)
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)  # one entry per completed epoch
 
 
-def from_bytes(data: bytes) -> dict:
-    # weights_only: a checkpoint holds tensors and plain containers, never code.
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+@dataclass(frozen=True)
+class Checkpoint:
+    state: TrainingState
+    phase: int
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    data: dict  # the training dataset's state_dict: its epoch and images consumed
+
+    def to_dict(self) -> dict:
+        """The stored layout (unchanged since epoch-end checkpoints, so old ones resume)."""
+        selection = self.state.selection
+        evaluation = selection.evaluation
+        return {
+            "epoch": self.state.next_epoch - 1,
+            "phase": self.phase,
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "data": self.data,
+            "best": {
+                "epoch": selection.epoch,
+                "accuracy": selection.accuracy,
+                "top_accuracy": selection.top_accuracy,
+                "state": selection.state,
+                "eval": asdict(evaluation) if evaluation is not None else None,
+            },
+            "bad_epochs": selection.bad_epochs,
+            "stopped_early": self.state.stopped_early,
+            "history": self.state.history,
+        }
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> Checkpoint:
+        best = saved["best"]
+        selection = EpochSelection(
+            epoch=best["epoch"],
+            accuracy=best["accuracy"],
+            top_accuracy=best["top_accuracy"],
+            state=best["state"],
+            evaluation=EvalResult(**best["eval"]) if best["eval"] is not None else None,
+            bad_epochs=saved["bad_epochs"],
+        )
+        state = TrainingState(
+            next_epoch=saved["epoch"] + 1,
+            selection=selection,
+            stopped_early=saved["stopped_early"],
+            history=list(saved["history"]),
+        )
+        return cls(state, saved["phase"], saved["model"], saved["optimizer"],
+                   saved["scheduler"], saved["data"])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -40,35 +92,14 @@ class CheckpointStore:
     def key(self) -> str:
         return f"checkpoints/{self.run_id}/last.pt"
 
-    def save(self, state: dict) -> None:
-        self.store.put(self.bucket, self.key, to_bytes(state))
+    def save(self, checkpoint: Checkpoint) -> None:
+        self.store.put(self.bucket, self.key, to_bytes(checkpoint.to_dict()))
 
     def delete(self) -> None:
         """After the run is published its checkpoint has no use left."""
         self.store.delete(self.bucket, self.key)
 
-    def load(self) -> dict | None:
+    def load(self) -> Checkpoint | None:
         if self.store.stat(self.bucket, self.key) is None:
             return None
-        return from_bytes(self.store.get(self.bucket, self.key))
-
-
-def weights_key(model: str, digest: str) -> str:
-    return f"weights/{check_model_name(model)}/{digest}.pt"
-
-
-def save_weights(
-    store: ObjectStore,
-    bucket: str,
-    key: str,
-    *,
-    backbone: str,
-    class_names: list[str],
-    state_dict: dict,
-) -> None:
-    payload = {"backbone": backbone, "class_names": class_names, "state_dict": state_dict}
-    store.put(bucket, key, to_bytes(payload))
-
-
-def load_weights(store: ObjectStore, bucket: str, key: str) -> dict:
-    return from_bytes(store.get(bucket, key))
+        return Checkpoint.from_dict(from_bytes(self.store.get(self.bucket, self.key)))

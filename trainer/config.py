@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 NO_FREEZE = -1  # mirrors trainer.finetune.NO_FREEZE without importing torch
+CROP_RATIO = 0.875  # resize = crop / this unless set: torchvision's evaluation convention
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class TrainConfig:
     run_id: str | None = None  # checkpoint folder; None: derived from config + dataset digest
     resume: bool = True
     log_every: int = 10  # batches between progress events
+    checkpoint_interval_s: float = 600.0  # also checkpoint within an epoch this often; 0: never
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.head_epochs < 0 or self.head_epochs > self.epochs:
@@ -69,10 +71,12 @@ class TrainConfig:
             raise ValueError(f"freeze must be >= {NO_FREEZE}, got {self.freeze}")
         if self.init_from is not None and ":" not in self.init_from:
             raise ValueError(f"init_from is MODEL:VERSION, got {self.init_from!r}")
+        if self.checkpoint_interval_s < 0:
+            raise ValueError(f"checkpoint_interval_s must be >= 0: {self.checkpoint_interval_s}")
 
     @property
     def eval_resize(self) -> int:
-        return self.resize_size or round(self.crop_size / 0.875)
+        return self.resize_size or round(self.crop_size / CROP_RATIO)
 
     def hyperparameters(self) -> dict:
         keys = (
@@ -96,8 +100,10 @@ class TrainConfig:
     def fingerprint(self, dataset_digest: str) -> str:
         """Same config on the same data -> same run id, so a rerun resumes its checkpoint."""
         fields = asdict(self)
-        for volatile in ("run_id", "resume", "workers", "log_every", "device", "version"):
-            fields.pop(volatile)
+        volatile = ("run_id", "resume", "workers", "log_every", "device", "version",
+                    "checkpoint_interval_s")  # fmt: skip
+        for name in volatile:
+            fields.pop(name)
         blob = json.dumps([fields, dataset_digest], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -154,6 +160,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--version", default=None)
     a("--run-id", default=None)
     a("--no-resume", dest="resume", action="store_false")
+    a(
+        "--checkpoint-interval-s",
+        type=float,
+        default=600.0,
+        help="also checkpoint within a long epoch this often (seconds; 0: at epoch ends only)",
+    )
     return parser
 
 
@@ -192,4 +204,5 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         version=args.version,
         run_id=args.run_id,
         resume=args.resume,
+        checkpoint_interval_s=args.checkpoint_interval_s,
     )

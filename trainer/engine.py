@@ -4,6 +4,12 @@ references/classification/train.py, plus progress events and cancellation betwee
 In a distributed run every rank checks, before each step, that all ranks still have a batch and
 none was cancelled (one tiny all-reduce): streamed shards can differ by a batch, and a rank that
 steps alone would hang the others' gradient all-reduce.
+
+A training batch of one image is not stepped on: BatchNorm cannot normalise a single value per
+channel (a 1x1 feature map, e.g. EfficientNet's last stage at crops under 64 pixels), and only
+the end of an epoch's stream leaves one. Its image still counts as read (a resume does not
+reread it), and the epoch's shuffle puts another image last next time. When any rank holds such a
+batch, every rank skips that step, so none steps alone.
 """
 
 from __future__ import annotations
@@ -90,8 +96,12 @@ class Clock:
 
     epochs: int
     batches_per_epoch: int
-    start: float = field(default_factory=time.perf_counter)
+    now: Callable[[], float] = time.perf_counter  # seconds; tests pass a steady fake
+    start: float = field(init=False)
     done: int = 0
+
+    def __post_init__(self) -> None:
+        self.start = self.now()
 
     def tick(self) -> None:
         self.done += 1
@@ -101,7 +111,7 @@ class Clock:
         if not self.done:
             return math.inf
         remaining = (self.epochs - epoch) * self.batches_per_epoch - batch
-        rate = (time.perf_counter() - self.start) / self.done
+        rate = (self.now() - self.start) / self.done
         return max(remaining, 0) * rate
 
 
@@ -116,14 +126,21 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, hw: Hardware) -> tuple
     return images, labels.to(hw.device, non_blocking=True)
 
 
-def _all_continue(has_batch: bool, cancel: CancelCheck | None, hw: Hardware) -> tuple[bool, bool]:
-    """(keep stepping, cancelled) agreed by all ranks."""
-    cancelled = bool(cancel and cancel())
-    if not hw.distributed:
-        return has_batch and not cancelled, cancelled
-    flags = sum_across_ranks(torch.tensor([int(not has_batch), int(cancelled)]), hw)
-    any_done, any_cancelled = bool(flags[0]), bool(flags[1])
-    return not any_done and not any_cancelled, any_cancelled
+@dataclass(frozen=True)
+class _Agreed:
+    """What every rank does next, the same on all of them."""
+
+    stop: bool  # some rank has no batch left
+    cancelled: bool
+    skip: bool  # some rank's batch holds one image (see the module docstring)
+
+
+def _agree(batch: tuple | None, cancel: CancelCheck | None, hw: Hardware) -> _Agreed:
+    flags = torch.tensor(
+        [batch is None, bool(cancel and cancel()), batch is not None and len(batch[1]) == 1]
+    )
+    flags = sum_across_ranks(flags.long(), hw)
+    return _Agreed(stop=bool(flags[0]), cancelled=bool(flags[1]), skip=bool(flags[2]))
 
 
 def train_one_epoch(
@@ -153,11 +170,15 @@ def train_one_epoch(
         waited = time.perf_counter()
         batch = next(batches, None)
         stats.data_seconds += time.perf_counter() - waited
-        keep_going, cancelled = _all_continue(batch is not None, cancel, hw)
-        if cancelled:
+        agreed = _agree(batch, cancel, hw)
+        if agreed.cancelled:
             raise TrainingCancelled(f"training cancelled in epoch {epoch} at batch {stats.batches}")
-        if not keep_going:
+        if agreed.stop:
             break
+        if agreed.skip:
+            if on_batch is not None:
+                on_batch(len(batch[1]))
+            continue
         images, labels = to_device(*batch, hw)
         with autocast(hw):
             logits = model(images)

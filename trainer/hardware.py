@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,15 @@ def sum_across_ranks(values: torch.Tensor, hw: Hardware) -> torch.Tensor:
     reduced = values.to(hw.device).clone()
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced.to(values.device)
+
+
+def distribute(module: torch.nn.Module, hw: Hardware) -> torch.nn.Module:
+    """``module`` as stepped on this rank: DDP-wrapped across ranks. Wrap again whenever the set
+    of trainable parameters changes (a new phase): DDP fixes it when it is built."""
+    if not hw.distributed:
+        return module
+    device_ids = [hw.device.index] if hw.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
 
 
 def sync_buffers(module: torch.nn.Module, hw: Hardware) -> None:

@@ -30,7 +30,7 @@ DATASET_BAD_IMAGES = Counter(
     ["reason"],  # "undecodable" | "too_large"
 )
 
-# --- fine-tuning loop (trainer/train.py feeds these from its progress events) ---
+# --- fine-tuning loop (trainer/reporting.py sets these after each epoch) ---
 TRAINER_EPOCH = Gauge(
     "refit_trainer_epoch", "Current training epoch (1-based).", multiprocess_mode="livemostrecent"
 )

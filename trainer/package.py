@@ -17,19 +17,10 @@ from pathlib import Path
 
 import torch
 
+from trainer.preprocessing import Preprocessing
 from trainer.serving import handler as handler_module
 
 HANDLER_FILE = Path(handler_module.__file__)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How the handler turns an image into a tensor; must match evaluation-time transforms."""
-
-    resize_size: int = 256
-    crop_size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

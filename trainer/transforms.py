@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from trainer.config import Augmentation
-from trainer.package import Preprocessing
+from trainer.preprocessing import Preprocessing
 
 __all__ = ["Augmentation", "eval_transform", "train_transform"]
 

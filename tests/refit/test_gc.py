@@ -8,6 +8,7 @@ import pytest
 
 from cli import main as refit_cli
 from refit.gc import collect_garbage, find_garbage
+from refit.lineage import Lineage, Parent
 from refit.registry import Registry, VersionRecord
 from refit.storage import FileStore
 
@@ -34,9 +35,9 @@ def store(file_store: FileStore) -> FileStore:
     # flowers v1 was deleted (its archive is an orphan), but v2 was trained from it: v2's lineage
     # still names v1's weights, which must stay.
     archive(file_store, "flowers", "aaa1")
-    parent = {"model": "flowers", "version": "1", "weights_key": "weights/flowers/aaa1.pt"}
+    parent = Parent(model="flowers", version="1", weights_key="weights/flowers/aaa1.pt")
     registry.add(VersionRecord("flowers", "2", archive(file_store, "flowers", "bbb2"), ["a"],
-                               lineage={"parent": parent}))  # fmt: skip
+                               lineage=Lineage(parent=parent)))  # fmt: skip
     archive(file_store, "flowers", "ccc3")  # a failed publish: no record
     archive(file_store, "busy", "ddd4")  # its job is publishing: the record comes next
     job(file_store, "job-1", "flowers", "SUCCEEDED")

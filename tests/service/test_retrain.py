@@ -461,4 +461,4 @@ def test_trainer_killed_mid_job_resumes_from_its_checkpoint(
     trained = {p.epoch for p in progress if p.epoch_end}
     assert trained <= {2, 3} and 3 in trained  # epoch 1 came from the checkpoint
     versions = Registry(S3Store(moto_server.settings), bucket).versions("killme")
-    assert [(v.version, v.lineage["job_id"]) for v in versions] == [("1", job.id)]
+    assert [(v.version, v.lineage.job_id) for v in versions] == [("1", job.id)]

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from local_stack.torchserve import TorchServeProcess
+from refit.lineage import Lineage
 from refit.registry import Registry
 from refit.storage import S3Store
 from refit.trainer.v1 import trainer_pb2_grpc
@@ -97,7 +98,7 @@ def test_torchserve_down_when_a_job_reaches_publishing(
                 break
         assert waiting is not None, "the job never said it waits for TorchServe"
         record = Registry(S3Store(moto_server.settings), bucket).get("patient", waiting.version)
-        assert record.lineage["job_id"] == job.id  # recorded while TorchServe is away
+        assert record.lineage.job_id == job.id  # recorded while TorchServe is away
         retried = next((e.job for e in events if "attempt 2," in e.job.detail), None)
         assert retried is not None, "the job did not retry while TorchServe was down"
         torchserve.start()
@@ -140,7 +141,7 @@ def test_object_store_unreachable_mid_training_then_back(
         trainer.stop()
     assert final.state == pb.SUCCEEDED, final.error
     versions = Registry(S3Store(moto_server.settings), bucket).versions("resilient")
-    assert [(v.version, v.lineage["job_id"]) for v in versions] == [("1", job.id)]
+    assert [(v.version, v.lineage.job_id) for v in versions] == [("1", job.id)]
     store = S3Store(moto_server.settings)
     assert not list(store.list(bucket, f"checkpoints/{job.id}/"))  # deleted once published
 
@@ -177,7 +178,7 @@ def test_a_publish_whose_store_write_is_refused_fails_and_keeps_the_default(
     store.ensure_bucket(bucket)
     base = Registry(store, refit_bucket).get("imagenet", "1")
     registry = Registry(store, bucket)
-    registry.add(dataclasses.replace(base, model="guarded", version="1", lineage={}))
+    registry.add(dataclasses.replace(base, model="guarded", version="1", lineage=Lineage()))
     registry.set_default("guarded", "1")
     settings = fast_retries(trainer_settings(moto_server, bucket, torchserve))
     trainer = start_trainer(dataclasses.replace(settings, storage=s3_proxy.settings))

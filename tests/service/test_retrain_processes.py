@@ -168,4 +168,4 @@ def test_trainer_killed_mid_job_takes_its_processes_along_then_resumes(
                and e.job.progress.epoch_end}  # fmt: skip
     assert trained == {2, 3, 4}  # epoch 1 came from the checkpoint
     versions = Registry(S3Store(moto_server.settings), bucket).versions("duo-killed")
-    assert [(v.version, v.lineage["job_id"]) for v in versions] == [("1", job.id)]
+    assert [(v.version, v.lineage.job_id) for v in versions] == [("1", job.id)]

@@ -18,7 +18,7 @@ from trainer.backbones import (
     build_backbone,
     efficientnet_lite0_imagenet,
 )
-from trainer.package import Preprocessing
+from trainer.preprocessing import Preprocessing
 from trainer.transforms import eval_transform
 
 TORCHVISION = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"]

@@ -31,3 +31,12 @@ def test_flags_reach_the_config() -> None:
 def test_an_impossible_translation_is_rejected() -> None:
     with pytest.raises(ValueError, match="translate"):
         _parse("--translate", "1.5")
+
+
+def test_the_checkpoint_interval_is_a_flag_that_leaves_the_run_id_alone() -> None:
+    config = _parse("--checkpoint-interval-s", "30")
+    assert config.checkpoint_interval_s == 30.0 and _parse().checkpoint_interval_s == 600.0
+    # A rerun with another interval resumes the same checkpoint.
+    assert config.fingerprint("digest") == _parse().fingerprint("digest")
+    with pytest.raises(ValueError, match="checkpoint_interval_s"):
+        _parse("--checkpoint-interval-s", "-5")

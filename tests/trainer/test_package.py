@@ -11,7 +11,8 @@ from pathlib import Path
 
 from torch import nn
 
-from trainer.package import Preprocessing, build_archive
+from trainer.package import build_archive
+from trainer.preprocessing import Preprocessing
 
 
 def test_packaging_never_touches_another_process_staging_dir(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ through this API runs in tests/service/test_retrain.py)."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,10 +93,12 @@ def test_list_jobs_by_state_and_queue_position(stub, runner) -> None:
 def test_subscribe_sees_every_jobs_state_changes(stub, runner) -> None:
     stream = stub.Subscribe(trainer_pb2.SubscribeRequest(), timeout=30)
     seen: list[tuple[str, int]] = []
+    first_seen = threading.Event()
 
     def read() -> None:
         for event in stream:
             seen.append((event.job.model, event.job.state))
+            first_seen.set()
             if event.job.model == "broken" and event.job.state == pb.FAILED:
                 return
 
@@ -108,8 +109,7 @@ def test_subscribe_sees_every_jobs_state_changes(stub, runner) -> None:
     # sees one, so "a" is surely submitted after the subscription began.
     for attempt in range(50):
         submit(stub, f"prime{attempt}")
-        time.sleep(0.1)
-        if seen:
+        if first_seen.wait(0.1):
             break
     submit(stub, "a")
     submit(stub, "broken")

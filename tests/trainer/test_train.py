@@ -1,14 +1,12 @@
-"""The fine-tuning loop (in-memory data) and the whole job (moto S3 -> archive -> TorchServe)."""
+"""The whole job: moto S3 -> train -> archive and weights -> TorchServe."""
 
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -20,231 +18,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from prometheus_client import REGISTRY
 
+from refit.lineage import Parent
 from refit.registry import Registry, VersionRecord
-from refit.storage import FileStore, S3Store
+from refit.storage import S3Store
 from tests.conftest import MotoServer, free_port
+from tests.trainer.fitting import SIZE, small_config
 from tests.trainer.synthetic import (
     CLASS_NAMES,
-    ColourDataset,
     colour_image,
     png_bytes,
     upload_colours,
 )
+from trainer.artifacts import TrainResult
 from trainer.backbones import BackboneRegistry
-from trainer.checkpoint import CheckpointStore, load_weights
 from trainer.config import TrainConfig
-from trainer.engine import EpochStats, EvalResult, ProgressEvent, TrainingCancelled
-from trainer.finetune import FineTuneModel, resolve_freeze
-from trainer.hardware import Hardware
+from trainer.engine import ProgressEvent
+from trainer.finetune import resolve_freeze
 from trainer.package import export_torchscript
-from trainer.train import (
-    Datasets,
-    OneCycle,
-    Phase,
-    StartingPointError,
-    TrainResult,
-    _Progress,
-    _record,
-    build_model,
-    fit,
-    plan_phases,
-    preprocessing_for,
-    train_and_package,
-)
-from trainer.transforms import eval_transform, train_transform
-
-CPU = Hardware(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
-SIZE = 48
-
-
-def _config(**changes: object) -> TrainConfig:
-    base = TrainConfig(
-        dataset="s3://mem/colours",
-        out="colours",
-        epochs=4,
-        batch_size=16,
-        crop_size=SIZE,
-        workers=0,
-        lr=3e-3,
-        log_every=1,
-    )
-    return replace(base, **changes)
-
-
-def _data(config: TrainConfig, train: int = 96, val: int = 32) -> Datasets:
-    pre = preprocessing_for(config)
-    return Datasets(
-        ColourDataset(train, train_transform(pre, config.augmentation), seed=1),
-        ColourDataset(val, eval_transform(pre), seed=2),
-    )
-
-
-def _model(config: TrainConfig) -> FineTuneModel:
-    torch.manual_seed(0)
-    model, _ = build_model(config, None, list(CLASS_NAMES), BackboneRegistry())
-    return model
-
-
-# --- schedule and phases (pure logic) ------------------------------------------------------------
-
-
-def test_one_cycle_warms_up_peaks_and_anneals() -> None:
-    schedule = OneCycle(total_steps=100, pct_start=0.2, div=25, final_div=1000)
-    values = [schedule(step) for step in range(101)]
-    assert values[0] == pytest.approx(1 / 25)
-    assert max(values) == pytest.approx(1.0) and values.index(max(values)) == 20
-    assert values[100] == pytest.approx(1 / 1000)
-    assert schedule(500) == pytest.approx(1 / 1000)  # a longer epoch than estimated is safe
-    assert all(a >= b for a, b in itertools.pairwise(values[20:]))
-
-
-def test_two_phase_plan_freezes_everything_then_unfreezes_at_a_lower_lr() -> None:
-    config = _config(epochs=5, head_epochs=2, lr=1e-3, finetune_lr_scale=0.1)
-    assert plan_phases(config, freeze=10, max_depth=17) == [
-        Phase(0, 0, 2, 17, 1e-3),
-        Phase(1, 2, 5, 10, pytest.approx(1e-4)),
-    ]
-    assert plan_phases(_config(epochs=3), 10, 17) == [Phase(0, 0, 3, 10, 3e-3)]
-
-
-@pytest.mark.parametrize(
-    ("accuracies", "images", "kept"),
-    [
-        ([0.5, 0.9, 0.89, 0.7], 400, 2),  # 0.89 is within one SE (0.015) of 0.9: the later wins
-        ([0.5, 0.9, 0.85, 0.7], 400, 1),  # 0.85 is not: the top one stays
-        ([0.6, 0.6, 0.6], 100, 2),  # ties go to the latest epoch
-        ([0.5, 0.9, 0.88, 0.95], 400, 3),
-        ([0.5, 0.9, 0.88, 0.95], 40, 3),
-        ([0.5, 0.9, 0.88, 0.86], 40, 3),  # 40 images: SE 0.047, so 0.86 is still noise
-    ],
-)
-def test_the_kept_epoch_is_the_latest_within_noise_of_the_top(
-    accuracies: list[float], images: int, kept: int
-) -> None:
-    assert _kept_epoch(accuracies, images) == kept
-
-
-def _kept_epoch(accuracies: list[float], images: int) -> int:
-    progress, model = _Progress(), torch.nn.Linear(1, 1)
-    for epoch, accuracy in enumerate(accuracies):
-        result = EvalResult(loss=0.0, accuracy=accuracy, per_class_accuracy=[], confusion=[],
-                            images=images)  # fmt: skip
-        _record(progress, epoch, EpochStats(), result, model)
-    return progress.best_epoch
-
-
-# --- the loop on in-memory data ------------------------------------------------------------------
-
-
-def test_tiny_run_learns_the_classes_well_above_chance() -> None:
-    config = _config()
-    events: list[ProgressEvent] = []
-    result = fit(_model(config), _data(config), config, CPU, freeze=10, on_event=events.append)
-    assert result.best.accuracy >= 0.9  # chance is 0.25
-    assert len(result.history) == 4 and result.epochs_run == 4
-    assert result.best_epoch == _kept_epoch([h["val_accuracy"] for h in result.history], 32)
-    epoch_events = [e for e in events if e.kind == "epoch"]
-    assert [e.epoch for e in epoch_events] == [0, 1, 2, 3]
-    assert epoch_events[-1].val["accuracy"] == result.history[-1]["val_accuracy"]
-    assert len(result.best.confusion) == 4 and sum(map(sum, result.best.confusion)) == 32
-    gauge = REGISTRY.get_sample_value
-    assert gauge("refit_trainer_epoch") == 4
-    assert gauge("refit_trainer_accuracy", {"split": "val"}) == result.history[-1]["val_accuracy"]
-    assert gauge("refit_trainer_images_per_second") > 0
-    assert gauge("refit_trainer_data_wait_ratio") == result.history[-1]["data_wait_ratio"]
-
-
-def test_two_phases_train_the_head_first_then_the_top_units() -> None:
-    config = _config(epochs=2, head_epochs=1)
-    model = _model(config)
-    top = model.units()[-1]
-    before = {k: v.clone() for k, v in top.state_dict().items()}
-    after: dict[int, dict] = {}
-
-    def on_event(event: ProgressEvent) -> None:
-        if event.kind == "epoch":
-            after[event.epoch] = {k: v.clone() for k, v in top.state_dict().items()}
-
-    fit(model, _data(config), config, CPU, freeze=10, on_event=on_event)
-    assert all(torch.equal(before[k], after[0][k]) for k in before)  # phase one: head only
-    assert not all(torch.equal(before[k], after[1][k]) for k in before)  # phase two: unfrozen
-    assert model.frozen_depth == 10
-
-
-def test_early_stopping_ends_a_run_that_stops_improving(file_store: FileStore) -> None:
-    # Head-only at a negligible LR: the validation accuracy cannot improve after epoch 0.
-    file_store.ensure_bucket("refit")
-    checkpoints = CheckpointStore(file_store, "refit", "run-stop")
-    config = _config(epochs=6, lr=1e-12, patience=2)
-    model = _model(config)
-    data = _data(config, train=32, val=16)
-    result = fit(model, data, config, CPU, freeze=model.max_depth(), checkpoints=checkpoints)
-    # Equal accuracies: the kept epoch is the latest, the patience counts from the first.
-    assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 2
-    # A rerun of a stopped run resumes into "stopped": nothing more to train.
-    events: list[ProgressEvent] = []
-    again = fit(_model(config), data, config, CPU, freeze=model.max_depth(),
-                checkpoints=checkpoints, on_event=events.append)  # fmt: skip
-    assert not events and again.stopped_early and again.history == result.history
-
-
-def test_checkpoint_then_resume_continues_at_the_next_epoch(file_store: FileStore) -> None:
-    file_store.ensure_bucket("refit")
-    checkpoints = CheckpointStore(file_store, "refit", "run-1")
-    config = _config(epochs=3)
-    stop = threading.Event()
-    train_images = 64
-
-    def cancel_after_epoch_one(event: ProgressEvent) -> None:
-        if event.kind == "epoch" and event.epoch == 1:
-            stop.set()
-
-    with pytest.raises(TrainingCancelled):
-        fit(
-            _model(config),
-            _data(config, train=train_images),
-            config,
-            CPU,
-            freeze=10,
-            checkpoints=checkpoints,
-            on_event=cancel_after_epoch_one,
-            cancel=stop.is_set,
-        )
-    saved = checkpoints.load()
-    assert saved["epoch"] == 1 and {"model", "optimizer", "scheduler", "data"} <= saved.keys()
-    assert saved["data"]["epoch"] == 1 and saved["data"]["seen"] == train_images  # data position
-
-    events: list[ProgressEvent] = []
-    data = _data(config, train=train_images)
-    model = _model(config)
-    result = fit(
-        model, data, config, CPU, freeze=10, checkpoints=checkpoints, on_event=events.append
-    )
-    assert {e.epoch for e in events} == {2}  # only the last epoch ran
-    assert [h["epoch"] for h in result.history] == [0, 1, 2]
-    assert result.history[:2] == saved["history"]
-    assert data.train.epoch == 2
-    assert checkpoints.load()["epoch"] == 2
-
-
-def test_a_version_without_stored_weights_points_to_its_backbone(file_store: FileStore) -> None:
-    file_store.ensure_bucket("refit")
-    record = VersionRecord(
-        model="imagenet",
-        version="1",
-        archive_key="archives/imagenet/x.mar",
-        class_names=["a", "b"],
-        lineage={"backbone": "efficientnet_lite0"},
-    )
-    Registry(file_store, "refit").add(record)
-    config = _config(init_from="imagenet:1", bucket="refit")
-    with pytest.raises(StartingPointError, match="--backbone efficientnet_lite0"):
-        build_model(config, file_store, list(CLASS_NAMES), BackboneRegistry())
-
-
-# --- the whole job: moto S3 -> train -> archive -> TorchServe ------------------------------------
+from trainer.starting_point import build_model
+from trainer.train import train_and_package
+from trainer.weights import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +46,7 @@ def job(moto_server: MotoServer) -> Iterator[tuple[S3Store, str, TrainResult, Tr
     store = S3Store(moto_server.settings)
     bucket = f"ft-{uuid.uuid4().hex[:10]}"
     uri = upload_colours(store, bucket, "colours", train=16, val=6, size=SIZE)
-    config = _config(dataset=uri, bucket=bucket, workers=1, log_every=2)
+    config = small_config(dataset=uri, bucket=bucket, workers=1, log_every=2)
     events: list[ProgressEvent] = []
     result = train_and_package(config, store, on_event=events.append)
     assert any(e.kind == "batch" for e in events) and any(e.kind == "epoch" for e in events)
@@ -267,9 +61,10 @@ def test_job_stores_a_content_addressed_archive_weights_and_lineage(job) -> None
     assert store.stat(bucket, result.archive_key) is not None
     assert result.metrics["val_accuracy"] >= 0.75
     lineage = result.lineage
-    assert lineage["backbone"] == "efficientnet_lite0" and lineage["frozen_depth"] == 10
-    assert lineage["dataset_uri"] == config.dataset and lineage["dataset_objects"] == 88
-    assert len(lineage["dataset_digest"]) == 64 and lineage["weights_key"] == result.weights_key
+    assert lineage.backbone == "efficientnet_lite0" and lineage.frozen_depth == 10
+    assert lineage.dataset_uri == config.dataset and lineage.dataset_objects == 88
+    assert len(lineage.dataset_digest) == 64 and lineage.weights_key == result.weights_key
+    assert lineage.start == "imagenet" and lineage.hyperparameters == config.hyperparameters()
     assert set(result.evaluation["per_class_accuracy"]) == set(CLASS_NAMES)
     meta = _archive_meta(store, bucket, result.archive_key)
     assert meta["class_names"] == CLASS_NAMES and meta["frozen_depth"] == 10
@@ -277,7 +72,7 @@ def test_job_stores_a_content_addressed_archive_weights_and_lineage(job) -> None
     assert meta["dataset"] == {
         "uri": config.dataset,
         "objects": 88,
-        "digest": lineage["dataset_digest"],
+        "digest": lineage.dataset_digest,
     }
     assert meta["hyperparameters"]["epochs"] == 4 and "val_accuracy" in meta["metrics"]
 
@@ -301,11 +96,7 @@ def test_exported_model_matches_the_stored_weights_in_eager_mode(job) -> None:
     assert torch.allclose(eager, exported, atol=1e-4)
     traced = export_torchscript(model, SIZE)  # raises itself if traced != eager
     assert torch.allclose(traced(probe), eager, atol=1e-4)
-    assert origin["parent"] == {
-        "model": "colours",
-        "version": result.version,
-        "weights_key": result.weights_key,
-    }
+    assert origin.parent == Parent("colours", result.version, result.weights_key)
 
 
 def _publish(store: S3Store, bucket: str, result: TrainResult) -> None:

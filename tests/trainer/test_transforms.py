@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from trainer.config import Augmentation
-from trainer.package import Preprocessing
+from trainer.preprocessing import Preprocessing
 from trainer.transforms import eval_transform, train_transform
 
 PRE = Preprocessing(resize_size=40, crop_size=32)

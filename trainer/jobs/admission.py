@@ -78,12 +78,12 @@ def check_starting_point(store: ObjectStore, config: TrainConfig, base_version: 
             record = Registry(store, config.bucket).get(config.out, base_version)
         except ModelNotFound as exc:
             raise InvalidArgument(f"base_version: {exc.message}") from exc
-        if not record.lineage.get("weights_key"):
+        if not record.lineage.weights_key:
             raise InvalidArgument(
                 f"base_version: {config.out} v{base_version} has no weights to continue from "
                 "(it was not trained by refit); start from a backbone instead"
             )
-        backbone = record.lineage.get("backbone", backbone)
+        backbone = record.lineage.backbone or backbone
     try:
         BackboneRegistry().get(backbone)
     except UnknownBackbone as exc:

@@ -15,12 +15,12 @@ from refit.promotion import Baseline
 from refit.registry import VersionRecord
 from refit.storage import ObjectStore
 from trainer.backbones import BackboneRegistry, replace_head
-from trainer.checkpoint import load_weights
 from trainer.config import TrainConfig
 from trainer.engine import evaluate
 from trainer.hardware import Hardware
-from trainer.package import Preprocessing
+from trainer.preprocessing import Preprocessing
 from trainer.transforms import eval_transform
+from trainer.weights import load_weights
 
 CPU = Hardware(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
 
@@ -30,7 +30,7 @@ def evaluate_default(
 ) -> Baseline:
     if list(record.class_names) != list(class_names):
         return Baseline(record.version, None, "its class names differ from the new dataset's")
-    key = record.lineage.get("weights_key")
+    key = record.lineage.weights_key
     if not key:
         return Baseline(record.version, None, "it has no stored weights to evaluate")
     saved = load_weights(store, config.bucket, key)
@@ -38,10 +38,7 @@ def evaluate_default(
     net = spec.build()
     replace_head(net, spec, len(saved["class_names"]))
     net.load_state_dict(saved["state_dict"])
-    params = record.lineage.get("hyperparameters", {})
-    crop = int(params.get("crop_size", spec.crop_size))
-    pre = Preprocessing(resize_size=int(params.get("resize_size", round(crop / 0.875))),
-                        crop_size=crop)  # fmt: skip
+    pre = Preprocessing.from_hyperparameters(record.lineage.hyperparameters, spec.crop_size)
     from trainer.data import open_dataset
 
     val = open_dataset(

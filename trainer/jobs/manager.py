@@ -10,6 +10,10 @@ its checkpoint after a backoff, within the same ``max_attempts``.
 Bounds: at most ``max_queued`` jobs wait (more: RESOURCE_EXHAUSTED); the newest ``history`` ended
 jobs stay in memory, older ones are read back from the store when asked for. Store writes happen
 outside the lock that readers take, one writer at a time so records land in order.
+
+The watchers' event log stays in this class on purpose: each event is appended under the same
+lock as the record change it reports, which is what keeps watchers from seeing changes out of
+order; apart, the two halves would share that lock and its invariant across a module boundary.
 """
 
 from __future__ import annotations

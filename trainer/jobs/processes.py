@@ -13,39 +13,36 @@ ends with its parent), not through torch's launcher API inside the trainer:
 Rendezvous is the elastic agent's: ``--standalone`` (a c10d store on a free loopback port) on
 one node, or ``--rdzv-endpoint`` for several.
 
-The supervisor and the ranks share a private directory (``JobDir``): the config goes in; rank 0
-appends progress events and writes the result; a rank that fails writes why, in the job's own
-terms (trainer/jobs/failures.py). Checkpoints and archives go to the object store, from rank 0
-only (trainer/train.py), so a job resumes from its checkpoint whatever ran it.
+The supervisor and the ranks share a private directory (``JobDir``, trainer/jobs/job_dir.py): the
+config goes in; rank 0 appends progress events and writes the result; a rank that fails writes
+why, in the job's own terms (trainer/jobs/failures.py). Checkpoints and archives go to the
+object store, from rank 0 only (trainer/loop.py, trainer/artifacts.py), so a job resumes from its
+checkpoint whatever ran it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from refit.errors import RefitError
 from refit.storage import StorageSettings
-from trainer.config import Augmentation, TrainConfig
+from trainer.artifacts import TrainResult
+from trainer.config import TrainConfig
 from trainer.engine import EventSink, ProgressEvent
-from trainer.jobs.records import JobCancelled, JobFailed, JobInterrupted
+from trainer.jobs.job_dir import EventTail, JobDir
+from trainer.jobs.records import JobCancelled
 from trainer.jobs.torchrun import TRAINER_PID_ENV
-from trainer.train import TrainResult
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2  # how often the supervisor reads new progress events and checks for a cancel
 STOP_GRACE_S = 15.0  # torchrun's agent stops its ranks within this after SIGTERM, or is killed
-JOB_ERRORS: dict[str, type[RefitError]] = {
-    cls.__name__: cls for cls in (JobCancelled, JobFailed, JobInterrupted)
-}
 
 
 @dataclass(frozen=True)
@@ -91,115 +88,6 @@ def launch_env(
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // processes)))
     env[TRAINER_PID_ENV] = str(os.getpid())
     return env
-
-
-# --- the job directory -----------------------------------------------------------------------
-
-
-def event_to_dict(event: ProgressEvent) -> dict:
-    return asdict(event)
-
-
-@dataclass(frozen=True)
-class JobDir:
-    path: Path
-
-    @property
-    def config(self) -> Path:
-        return self.path / "config.json"
-
-    @property
-    def events(self) -> Path:
-        return self.path / "events.jsonl"
-
-    @property
-    def result(self) -> Path:
-        return self.path / "result.json"
-
-    def write_config(self, config: TrainConfig) -> None:
-        _write_json(self.config, asdict(config))
-
-    def read_config(self) -> TrainConfig:
-        fields = json.loads(self.config.read_text())
-        aug = fields["augmentation"]
-        augmentation = Augmentation(**{**aug, "crop_scale": tuple(aug["crop_scale"])})
-        return TrainConfig(**{**fields, "augmentation": augmentation})
-
-    def write_result(self, result: TrainResult) -> None:
-        _write_json(self.result, asdict(result))
-
-    def read_result(self) -> TrainResult | None:
-        """None when rank 0 ran on another node."""
-        if not self.result.exists():
-            return None
-        return TrainResult(**json.loads(self.result.read_text()))
-
-    def write_error(
-        self, rank: int, error: RefitError | None, *, detail: str = "", at: float | None = None
-    ) -> None:
-        """Why ``rank`` stopped: a job error, or (None) an unexpected one described by
-        ``detail`` (its traceback is in the log)."""
-        kind = type(error).__name__ if error is not None else "internal"
-        message = error.message if error is not None else detail
-        entry = {"rank": rank, "kind": kind, "message": message, "at": at or time.time()}
-        _write_json(self.path / f"error-{rank}.json", entry)
-
-    def failure(self, returncode: int) -> RefitError:
-        """The job's error after torchrun exited with ``returncode``: the first rank to fail
-        names the cause (the others usually failed because it left)."""
-        errors = [json.loads(p.read_text()) for p in self.path.glob("error-*.json")]
-        if not errors:
-            return JobFailed(
-                f"the training processes stopped (torchrun exit code {returncode}) without "
-                "saying why; see the trainer log"
-            )
-        first = min(errors, key=lambda e: e["at"])
-        if first["kind"] in JOB_ERRORS:
-            return JOB_ERRORS[first["kind"]](first["message"])
-        return JobFailed(
-            f"internal error on rank {first['rank']} ({first['message']}); its traceback is in "
-            "the trainer log"
-        )
-
-
-def _write_json(path: Path, value: object) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(value))
-    partial.replace(path)  # readers never see half a file
-
-
-class EventWriter:
-    """Rank 0's progress events, one JSON line each. A rank counts only its own images, and the
-    ranks step together, so the job's rate is rank 0's times the number of ranks."""
-
-    def __init__(self, path: Path, world_size: int) -> None:
-        self.path, self.world_size = path, world_size
-
-    def __call__(self, event: ProgressEvent) -> None:
-        entry = event_to_dict(event)
-        entry["images_per_second"] *= self.world_size
-        with self.path.open("a") as out:
-            out.write(json.dumps(entry) + "\n")
-
-
-class EventTail:
-    """The events appended since the last ``read``; a line still being written waits."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.pending = b""
-
-    def read(self) -> Iterator[ProgressEvent]:
-        if not self.path.exists():
-            return
-        with self.path.open("rb") as events:
-            events.seek(self.offset)
-            data = events.read()
-        self.offset += len(data)
-        *lines, self.pending = (self.pending + data).split(b"\n")
-        for line in lines:
-            yield ProgressEvent(**json.loads(line))
 
 
 # --- the supervisor --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """What one retraining job does: train (resuming from its checkpoint), then publish and gate.
 
 The job's id is its training run id, so a job interrupted by a trainer restart continues from its
-last epoch checkpoint; its version is pinned when it first starts, so it publishes the same one.
+last checkpoint; its version is pinned when it first starts, so it publishes the same one.
 Once trained, the version is recorded before TorchServe is asked to load it: a job that a restart
 interrupts while publishing resumes from that record without training again, and a TorchServe
 outage only makes the job wait (it says so in its ``detail``). An object store that stops
@@ -19,8 +19,8 @@ from dataclasses import replace
 
 from refit.errors import InvalidArgument, RefitError
 from refit.publish import Publisher
-from refit.registry import Batching, Registry, RegistryError, VersionRecord, check_model_name
-from refit.storage import ObjectStore, S3Uri
+from refit.registry import Registry, RegistryError, VersionRecord
+from refit.storage import ObjectStore
 from trainer.config import TrainConfig
 from trainer.jobs.admission import check_dataset, check_hyperparameters, check_starting_point
 from trainer.jobs.failures import describe, is_outage, is_store_error, training_error
@@ -34,49 +34,8 @@ from trainer.jobs.records import (
     JobInterrupted,
     JobRecord,
 )
+from trainer.jobs.request import batching_for, train_config
 from trainer.jobs.settings import TrainerSettings
-
-
-def train_config(request: dict, settings: TrainerSettings, *, job_id: str = "",
-                 version: str | None = None) -> TrainConfig:  # fmt: skip
-    """The engine's config for a RetrainRequest (proto JSON form); zero values: defaults."""
-    model = check_model_name(request.get("model", ""))
-    dataset = request.get("dataset_uri", "")
-    S3Uri.parse(dataset)  # ValueError names the expected form
-    hp = request.get("hyperparameters", {})
-    defaults = TrainConfig(dataset=dataset, out=model)
-    base = request.get("base_version", "")
-    return replace(
-        defaults,
-        backbone=request.get("backbone") or defaults.backbone,
-        init_from=f"{model}:{base}" if base else None,
-        freeze=int(hp["freeze"]) if "freeze" in hp else None,
-        epochs=int(hp.get("epochs") or defaults.epochs),
-        head_epochs=int(hp.get("head_epochs") or 0),
-        batch_size=int(hp.get("batch_size") or defaults.batch_size),
-        lr=float(hp.get("lr") or defaults.lr),
-        patience=int(hp["patience"]) if "patience" in hp else None,
-        crop_size=int(hp.get("crop_size") or defaults.crop_size),
-        val_fraction=float(hp.get("val_fraction") or defaults.val_fraction),
-        seed=int(hp.get("seed") or 0),
-        workers=settings.loader_workers,
-        device=settings.device,
-        bucket=settings.bucket,
-        weights_uri=settings.weights_uri,
-        version=version,
-        run_id=job_id or None,
-        resume=True,
-        log_every=1,  # every batch reaches the sink: TRAINING starts at the first one
-    )
-
-
-def batching_for(request: dict, settings: TrainerSettings) -> Batching:
-    """How the new version is served: the request's values, its zero ones the trainer's."""
-    asked, default = request.get("batching", {}), settings.batching
-    return Batching(
-        batch_size=int(asked.get("batch_size") or default.batch_size),
-        max_batch_delay_ms=int(asked.get("max_batch_delay_ms") or default.max_batch_delay_ms),
-    )
 
 
 class TrainingRunner:
@@ -125,12 +84,12 @@ class TrainingRunner:
                 archive_key=result.archive_key,
                 class_names=result.class_names,
                 metrics=result.metrics,
-                lineage={
-                    **result.lineage,
-                    "base_version": job.request.get("base_version", ""),
-                    "created_by": job.request.get("created_by", ""),
-                    "job_id": job.id,
-                },
+                lineage=replace(
+                    result.lineage,
+                    base_version=job.request.get("base_version", ""),
+                    created_by=job.request.get("created_by", ""),
+                    job_id=job.id,
+                ),
                 batching=batching_for(job.request, self.settings),
             )
         else:
@@ -158,7 +117,7 @@ class TrainingRunner:
             record = registry.get(job.model, version)
         except RegistryError:
             return None
-        return record if record.lineage.get("job_id") == job.id else None
+        return record if record.lineage.job_id == job.id else None
 
     def _train(self, config: TrainConfig, context: JobContext):
         sink = _ProgressSink(context, self.settings.log_every)

@@ -29,6 +29,7 @@ class TrainerSettings:
     register_timeout_s: float = 180.0
     publish_retry_s: float = 2.0  # first wait while TorchServe is unreachable at publish time
     publish_wait_s: float = 3600.0  # then the job fails; its version stays recorded
+    checkpoint_interval_s: float = 600.0  # a long epoch also checkpoints this often; 0: never
     gc_interval_s: float = 3600.0  # garbage collection of the object store (refit/gc.py); 0: off
     publish_base_model: bool = False  # publish imagenet v1 at start (compose)
     batching: Batching = field(default_factory=Batching)  # of new versions, unless asked
@@ -38,6 +39,11 @@ class TrainerSettings:
         if self.processes_per_job < 1:
             raise ValueError(
                 f"REFIT_TRAINER_PROCESSES_PER_JOB must be 1 or more, got {self.processes_per_job}"
+            )
+        if self.checkpoint_interval_s < 0:
+            raise ValueError(
+                "REFIT_TRAINER_CHECKPOINT_INTERVAL_S must be 0 (epoch ends only) or more seconds, "
+                f"got {self.checkpoint_interval_s}"
             )
 
     @classmethod
@@ -63,6 +69,9 @@ class TrainerSettings:
             register_timeout_s=float(env.get("REFIT_REGISTER_TIMEOUT_S", d.register_timeout_s)),
             publish_retry_s=float(env.get("REFIT_PUBLISH_RETRY_S", d.publish_retry_s)),
             publish_wait_s=float(env.get("REFIT_PUBLISH_WAIT_S", d.publish_wait_s)),
+            checkpoint_interval_s=float(
+                env.get("REFIT_TRAINER_CHECKPOINT_INTERVAL_S", d.checkpoint_interval_s)
+            ),
             gc_interval_s=float(env.get("REFIT_GC_INTERVAL_S", d.gc_interval_s)),
             publish_base_model=env.get("REFIT_PUBLISH_BASE_MODEL", "false").lower()
             in ("1", "true", "yes"),

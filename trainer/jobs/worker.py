@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     from refit import logs
     from refit.storage import StorageSettings
     from trainer.jobs.failures import describe, training_error
-    from trainer.jobs.processes import EventWriter, JobDir
+    from trainer.jobs.job_dir import EventWriter, JobDir
     from trainer.train import train_and_package
 
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

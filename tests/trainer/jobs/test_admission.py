@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from refit.errors import InvalidArgument
+from refit.lineage import Lineage
 from refit.publish import Publisher
 from refit.registry import Registry, VersionRecord
 from refit.storage import FileStore
@@ -23,8 +24,8 @@ def runner(file_store: FileStore) -> TrainingRunner:
     file_store.put("datasets", "flowers/rose/1.png", b"png")
     file_store.ensure_bucket("empty")
     registry = Registry(file_store, "refit")
-    registry.add(VersionRecord("flowers", "1", "archives/a.mar", ["rose"], lineage={
-        "backbone": "resnet18", "weights_key": "weights/flowers/1.pt"}))  # fmt: skip
+    registry.add(VersionRecord("flowers", "1", "archives/a.mar", ["rose"], lineage=Lineage(
+        backbone="resnet18", weights_key="weights/flowers/1.pt")))  # fmt: skip
     registry.add(VersionRecord("flowers", "2", "archives/b.mar", ["rose"]))
     settings = TrainerSettings(bucket="refit", storage=None)
     return TrainingRunner(settings, file_store, Publisher(file_store, "refit", None))

@@ -74,12 +74,11 @@ def request(model: str) -> dict:
 
 
 def wait_state(manager: JobManager, job_id: str, *states: str, timeout: float = 10) -> JobRecord:
+    """Follows the job's events (no polling) until it is in one of ``states``."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = manager.get(job_id)
+    for _, job in manager.follow(job_id, alive=lambda: time.monotonic() < deadline):
         if job.state in states:
             return job
-        time.sleep(0.01)
     raise AssertionError(f"job stayed {manager.get(job_id).state}, wanted {states}")
 
 
@@ -260,8 +259,11 @@ class SlowStore(JobStore):
         super().__init__(store.store, store.bucket)
         self.gate = threading.Event()
         self.gate.set()
+        self.stalled = threading.Event()  # a save is waiting at the closed gate
 
     def save(self, record: JobRecord) -> None:
+        if not self.gate.is_set():
+            self.stalled.set()
         self.gate.wait(30)
         super().save(record)
 
@@ -275,8 +277,8 @@ def test_readers_do_not_wait_for_a_stalled_store_write(jobs: JobStore, runner) -
         wait_state(manager, first.id, TRAINING)
         store.gate.clear()
         writer = threading.Thread(target=manager.submit, args=(request("b"),))
-        writer.start()  # blocks in save()
-        time.sleep(0.2)
+        writer.start()
+        assert store.stalled.wait(10)  # the writer is blocked in save()
         reads: list = []
         reader = threading.Thread(
             target=lambda: reads.extend([manager.get(first.id), manager.list()])

@@ -1,65 +1,12 @@
-"""Pure pieces of the job runner: request -> TrainConfig, engine events -> job states."""
+"""The job runner's progress sink: engine events -> job states and watcher progress."""
 
 from __future__ import annotations
 
 import math
 
-import pytest
-
-from refit.identifiers import InvalidModelName
-from refit.registry import Batching
 from trainer.engine import ProgressEvent
 from trainer.jobs.records import EXPORTING, TRAINING
-from trainer.jobs.runner import _ProgressSink, batching_for, train_config
-from trainer.jobs.settings import TrainerSettings
-
-SETTINGS = TrainerSettings(bucket="b", loader_workers=3, device="cpu", weights_uri="s3://w/")
-
-
-def test_zero_values_mean_defaults_and_the_job_pins_run_id_and_version() -> None:
-    config = train_config(
-        {"model": "m", "dataset_uri": "s3://data/p"}, SETTINGS, job_id="job-1", version="4"
-    )
-    assert (config.out, config.dataset, config.epochs, config.lr) == ("m", "s3://data/p", 8, 2e-3)
-    assert config.run_id == "job-1" and config.version == "4" and config.resume
-    assert (config.bucket, config.workers, config.device) == ("b", 3, "cpu")
-    assert config.freeze is None and config.init_from is None and config.log_every == 1
-
-
-def test_hyperparameters_and_base_version_are_passed_on() -> None:
-    request = {
-        "model": "m",
-        "dataset_uri": "s3://data/p",
-        "base_version": "2",
-        "backbone": "resnet18",
-        "hyperparameters": {"epochs": 3, "batch_size": 8, "lr": 0.01, "crop_size": 64,
-                            "val_fraction": 0.3, "seed": 5, "freeze": -1, "patience": 2},
-    }  # fmt: skip
-    config = train_config(request, SETTINGS)
-    assert config.init_from == "m:2" and config.backbone == "resnet18"
-    assert (config.epochs, config.batch_size, config.lr, config.crop_size) == (3, 8, 0.01, 64)
-    assert (config.val_fraction, config.seed, config.freeze, config.patience) == (0.3, 5, -1, 2)
-
-
-def test_batching_of_the_new_version_is_the_requests_or_the_trainers() -> None:
-    settings = TrainerSettings(batching=Batching(8, 5))
-    assert batching_for({}, settings) == Batching(8, 5)
-    assert batching_for({"batching": {"batch_size": 1}}, settings) == Batching(1, 5)
-    asked = {"batching": {"batch_size": 16, "max_batch_delay_ms": 20}}
-    assert batching_for(asked, settings) == Batching(16, 20)
-
-
-@pytest.mark.parametrize(
-    ("request_", "error"),
-    [
-        ({"model": "Bad!", "dataset_uri": "s3://data/p"}, InvalidModelName),
-        ({"model": "m", "dataset_uri": "/local/dir"}, ValueError),
-        ({"model": "m", "dataset_uri": "s3://data/p", "hyperparameters": {"lr": -1}}, ValueError),
-    ],
-)
-def test_invalid_requests(request_: dict, error: type[Exception]) -> None:
-    with pytest.raises(error):
-        train_config(request_, SETTINGS)
+from trainer.jobs.runner import _ProgressSink
 
 
 class Context:

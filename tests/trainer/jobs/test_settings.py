@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from refit.registry import Batching
+from trainer.jobs.request import train_config
 from trainer.jobs.settings import TrainerSettings
 
 
@@ -25,3 +26,12 @@ def test_batching_of_new_versions_from_the_environment() -> None:
     assert TrainerSettings.from_env(env).batching == Batching(16, 20)
     with pytest.raises(ValueError, match="batch_size must be 1-256"):
         TrainerSettings.from_env({"REFIT_BATCH_SIZE": "0"})
+
+
+def test_mid_epoch_checkpoint_interval_from_the_environment_reaches_each_job() -> None:
+    assert TrainerSettings.from_env({}).checkpoint_interval_s == 600.0
+    settings = TrainerSettings.from_env({"REFIT_TRAINER_CHECKPOINT_INTERVAL_S": "30"})
+    request = {"model": "flowers", "dataset_uri": "s3://datasets/flowers"}
+    assert train_config(request, settings).checkpoint_interval_s == 30.0
+    with pytest.raises(ValueError, match="REFIT_TRAINER_CHECKPOINT_INTERVAL_S"):
+        TrainerSettings.from_env({"REFIT_TRAINER_CHECKPOINT_INTERVAL_S": "-1"})

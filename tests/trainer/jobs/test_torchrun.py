@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
-import time
 
 CHILD = (
     "import signal, time; from trainer.jobs.torchrun import die_with_parent; "
@@ -31,14 +31,14 @@ def test_child_gets_sigterm_when_its_parent_is_killed() -> None:
         [sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     child = int(parent.stdout.readline())
+    exited = os.pidfd_open(child)  # readable once the child has ended: no polling
     try:
         assert alive(child)
         parent.kill()
         parent.wait(10)
-        deadline = time.monotonic() + 10
-        while alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not alive(child)
+        ready, _, _ = select.select([exited], [], [], 10)
+        assert ready and not alive(child)
     finally:
+        os.close(exited)
         if alive(child):
             os.kill(child, 9)
