@@ -32,7 +32,7 @@ from refit.storage import FileStore
 from trainer.config import Augmentation
 from trainer.data import objects, open_dataset
 from trainer.data.decode import DecodeOptions, decode_image
-from trainer.package import Preprocessing
+from trainer.preprocessing import Preprocessing
 from trainer.transforms import train_transform
 
 

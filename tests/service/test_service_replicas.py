@@ -37,7 +37,8 @@ SEEN_BOUND_S = 5.0  # documented: about 1 s (the watch) plus a registry read; sl
 def tiny_archive(store: S3Store, bucket: str, version: str) -> VersionRecord:
     import torch
 
-    from trainer.package import Preprocessing, build_archive
+    from trainer.package import build_archive
+    from trainer.preprocessing import Preprocessing
 
     torch.manual_seed(int(version))
     model = torch.nn.Sequential(
