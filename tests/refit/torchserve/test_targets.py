@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from refit import torchserve
 from refit.torchserve import Replica, Targets, balanced_target
+from refit.torchserve import targets as torchserve_targets
 
 
 def test_one_host_port_is_one_replica_and_the_channel_target_as_given() -> None:
@@ -31,7 +31,7 @@ def test_a_list_of_host_names_is_balanced_over_their_addresses() -> None:
 
 def test_a_dns_name_is_every_address_it_resolves_to_now(monkeypatch: pytest.MonkeyPatch) -> None:
     addresses = ["10.0.0.1", "10.0.0.2"]
-    monkeypatch.setattr(torchserve, "resolve_ipv4", lambda host: list(addresses))
+    monkeypatch.setattr(torchserve_targets, "resolve_ipv4", lambda host: list(addresses))
     targets = Targets.parse("dns:///torchserve:7070", "dns:///torchserve:7071")
     assert [r.name for r in targets.replicas()] == ["10.0.0.1:7071", "10.0.0.2:7071"]
     assert targets.replicas()[1].inference == "10.0.0.2:7070"
@@ -74,7 +74,7 @@ def test_the_rest_management_addresses_pair_with_the_replicas(
     listed = Targets.parse("a:1,b:1", "a:2,b:2", "a:3,b:3")
     assert [r.rest for r in listed.replicas()] == ["a:3", "b:3"]
     assert [r.rest for r in Targets.parse("a:1", "a:2").replicas()] == [""]  # not configured
-    monkeypatch.setattr(torchserve, "resolve_ipv4", lambda host: ["10.0.0.1"])
+    monkeypatch.setattr(torchserve_targets, "resolve_ipv4", lambda host: ["10.0.0.1"])
     named = Targets.parse("dns:///ts:7070", "dns:///ts:7071", "dns:///ts:8081")
     assert named.replicas()[0].rest == "10.0.0.1:8081"
     with pytest.raises(ValueError, match="_MANAGEMENT_REST lists 1 replicas"):

@@ -1,26 +1,9 @@
-"""The one module that talks to TorchServe, through its own gRPC APIs.
-
-TorchServe may run as several replicas (``Targets``): one ``host:port``, a comma list of them, or
-``dns:///name:port``, one name resolving to every replica (a Kubernetes headless Service).
-Predicts are spread over the replicas in rotation by gRPC's own client-side load balancing
-(round_robin), and gRPC retries a Predict that failed with UNAVAILABLE once, on another replica.
-Management calls (register, set default, scale, unregister) go to every replica; the service's
-reconciler also calls each replica on its own and decides which are in rotation.
-
-Workers: a version may be registered with no worker (it then costs no worker process) and scaled
-up when a Predict names it. TorchServe's gRPC API reads 0 workers as "unset" (its default, one),
-so scaling down to 0 uses its REST management API, the one call that can express it; each
-replica's REST address is optional (``Targets.rest``), and without it versions are not scaled down.
-
-Channels are created once and reused; every call has a deadline; TorchServe's failures become
-the service's domain errors here and nowhere else.
-"""
+"""The client that talks to TorchServe's replicas; see the package docstring."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -37,6 +20,7 @@ from google.protobuf import empty_pb2
 from refit.errors import DeadlineExceeded, FailedPrecondition, NotFound, RefitError, Unavailable
 from refit.identifiers import VERSION
 from refit.registry import Batching
+from refit.torchserve.targets import Replica, Targets, balanced_target
 from refit.torchserve_api import (
     inference_pb2,
     inference_pb2_grpc,
@@ -51,7 +35,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.keepalive_time_ms", 30_000),
 ]
-DNS_SCHEME = "dns:///"
 # Round robin over the replicas; a Predict that fails with UNAVAILABLE (the replica died or is
 # unreachable) is retried once, and round robin picks another replica for the retry. Other codes
 # are answers (a bad image, a model not loaded there) and are not retried.
@@ -91,118 +74,6 @@ class ServedVersion:
     model: str
     version: str
     workers: int  # TorchServe 0.12's describe does not say which version is the default
-
-
-@dataclass(frozen=True)
-class Replica:
-    """One TorchServe instance. ``name`` (its management address) labels its metrics."""
-
-    name: str
-    inference: str
-    management: str
-    rest: str = ""  # its REST management API (scaling to 0 workers); "": not configured
-
-
-@dataclass(frozen=True)
-class Targets:
-    """Where TorchServe's replicas are (REFIT_TORCHSERVE_INFERENCE, _MANAGEMENT and, optionally,
-    _MANAGEMENT_REST)."""
-
-    inference: tuple[str, ...]
-    management: tuple[str, ...]
-    dns_name: str = ""  # set: the replicas are every IPv4 address this name resolves to
-    rest: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, inference: str, management: str, rest: str = "") -> Targets:
-        """``host:port``, ``h1:p1,h2:p2`` (all lists in the same order) or ``dns:///name:port``
-        (all naming the same host, each with its own port)."""
-        given = [inference, management] + ([rest] if rest else [])
-        dns = [target.startswith(DNS_SCHEME) for target in given]
-        if any(dns):
-            if not all(dns):
-                raise ValueError(
-                    "REFIT_TORCHSERVE_INFERENCE and _MANAGEMENT (and _MANAGEMENT_REST when set) "
-                    "must both be dns:///NAME:PORT or all host:port lists "
-                    f"(got {', '.join(map(repr, given))})"
-                )
-            names = [target.removeprefix(DNS_SCHEME) for target in given]
-            hosts = {_split(name)[0] for name in names}
-            if len(hosts) != 1:
-                raise ValueError(
-                    f"dns:/// targets must name the same host (got {', '.join(sorted(hosts))}): "
-                    "each resolved address is one TorchServe replica"
-                )
-            return cls((names[0],), (names[1],), hosts.pop(), tuple(names[2:]))
-        lists = [tuple(t.strip() for t in target.split(",")) for target in given]
-        if len(lists[0]) != len(lists[1]):
-            raise ValueError(
-                f"REFIT_TORCHSERVE_INFERENCE lists {len(lists[0])} replicas and "
-                f"_MANAGEMENT {len(lists[1])}: give both for every replica, in one order"
-            )
-        if rest and len(lists[2]) != len(lists[0]):
-            raise ValueError(
-                f"REFIT_TORCHSERVE_MANAGEMENT_REST lists {len(lists[2])} replicas and "
-                f"_MANAGEMENT {len(lists[1])}: give it for every replica, in the same order"
-            )
-        for target in sum(lists, ()):
-            _split(target)
-        return cls(lists[0], lists[1], rest=lists[2] if rest else ())
-
-    def replicas(self) -> list[Replica]:
-        """The replicas now: a DNS name is resolved on every call (replicas come and go)."""
-        if not self.dns_name:
-            rest = self.rest or ("",) * len(self.management)
-            return [
-                Replica(m, i, m, r)
-                for i, m, r in zip(self.inference, self.management, rest, strict=True)
-            ]
-        _, inference_port = _split(self.inference[0])
-        _, management_port = _split(self.management[0])
-        rest_port = _split(self.rest[0])[1] if self.rest else 0
-        return [
-            Replica(
-                f"{ip}:{management_port}",
-                f"{ip}:{inference_port}",
-                f"{ip}:{management_port}",
-                f"{ip}:{rest_port}" if rest_port else "",
-            )
-            for ip in resolve_ipv4(self.dns_name)
-        ]
-
-    def initial_inference_target(self) -> str:
-        """Before the reconciler names the replicas in rotation: all of them."""
-        if self.dns_name:
-            return DNS_SCHEME + self.inference[0]  # gRPC resolves and re-resolves it
-        return balanced_target(self.inference)
-
-
-def _split(target: str) -> tuple[str, int]:
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"TorchServe target {target!r} is not HOST:PORT")
-    return host, int(port)
-
-
-def resolve_ipv4(host: str) -> list[str]:
-    """The host's IPv4 addresses, sorted; none when the name does not resolve (yet)."""
-    try:
-        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
-    except socket.gaierror:
-        return []
-    return sorted({info[4][0] for info in infos})
-
-
-def balanced_target(addresses: Sequence[str]) -> str:
-    """A gRPC target spreading calls over ``addresses``: one stays as given (gRPC resolves it);
-    several become an ``ipv4:`` address list, which is what round_robin balances over."""
-    if len(addresses) == 1:
-        return addresses[0]
-    resolved = []
-    for address in addresses:
-        host, port = _split(address)
-        resolved += [f"{ip}:{port}" for ip in resolve_ipv4(host)[:1]]
-    return "ipv4:" + ",".join(resolved) if resolved else addresses[0]
 
 
 class TorchServeClient:
