@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -55,15 +56,29 @@ def s3_proxy(moto_server: MotoServer) -> Iterator[S3FaultProxy]:
 def torchserve(
     tmp_path_factory: pytest.TempPathFactory, moto_server: MotoServer, s3_proxy: S3FaultProxy
 ) -> Iterator[TorchServeProcess]:
+    with torchserve_process(tmp_path_factory, "torchserve", moto_server, s3_proxy) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def torchserve_process(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    moto_server: MotoServer,
+    s3_proxy: S3FaultProxy,
+) -> Iterator[TorchServeProcess]:
+    """A TorchServe of a test's own on free ports, allowed to load from the S3 server and proxy."""
     ports = TorchServePorts(*(free_port() for _ in range(5)))
     process = TorchServeProcess(
-        tmp_path_factory.mktemp("torchserve"),
+        tmp_path_factory.mktemp(name),
         ports,
         allowed_urls_for(moto_server.settings.endpoint, s3_proxy.settings.endpoint),
     )
     process.start()
-    yield process
-    process.stop()
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 def bucket_with_imagenet_archive(

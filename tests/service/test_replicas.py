@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
+from local_stack.torchserve import TorchServePorts, TorchServeProcess
 from refit.errors import RefitError
 from refit.torchserve import TorchServeClient
 from refit.torchserve_api import inference_pb2_grpc
@@ -31,7 +31,12 @@ from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
 from tests.conftest import MotoServer, free_port
 from tests.faults import S3FaultProxy
-from tests.service.conftest import connect, service_settings, start_service
+from tests.service.conftest import (
+    connect,
+    service_settings,
+    start_service,
+    torchserve_process,
+)
 
 pytestmark = pytest.mark.integration
 RECOVERY_BOUND_S = 120.0  # B back in rotation after its restart (start + registering a worker)
@@ -71,15 +76,8 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> fl
 def replica_b(
     tmp_path_factory: pytest.TempPathFactory, moto_server: MotoServer, s3_proxy: S3FaultProxy
 ) -> Iterator[TorchServeProcess]:
-    ports = TorchServePorts(*(free_port() for _ in range(5)))
-    process = TorchServeProcess(
-        tmp_path_factory.mktemp("torchserve-b"),
-        ports,
-        allowed_urls_for(moto_server.settings.endpoint, s3_proxy.settings.endpoint),
-    )
-    process.start()
-    yield process
-    process.stop()
+    with torchserve_process(tmp_path_factory, "torchserve-b", moto_server, s3_proxy) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client import REGISTRY
 
-from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
+from local_stack.torchserve import TorchServeProcess
 from refit.registry import Registry
 from refit.storage import S3Store
 from refit.torchserve import TorchServeClient
@@ -30,7 +30,7 @@ from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.catalog import ModelCatalog, Reconciler
 from service.server import RefitServer
-from tests.conftest import MotoServer, free_port
+from tests.conftest import MotoServer
 from tests.faults import S3FaultProxy
 from tests.service.conftest import (
     add_version_of,
@@ -38,6 +38,7 @@ from tests.service.conftest import (
     connect,
     service_settings,
     start_service,
+    torchserve_process,
 )
 
 pytestmark = pytest.mark.integration
@@ -50,15 +51,10 @@ CONCURRENT = 6
 def own_torchserve(
     tmp_path_factory: pytest.TempPathFactory, moto_server: MotoServer, s3_proxy: S3FaultProxy
 ) -> Iterator[TorchServeProcess]:
-    ports = TorchServePorts(*(free_port() for _ in range(5)))
-    process = TorchServeProcess(
-        tmp_path_factory.mktemp("torchserve-workers"),
-        ports,
-        allowed_urls_for(moto_server.settings.endpoint, s3_proxy.settings.endpoint),
-    )
-    process.start()
-    yield process
-    process.stop()
+    with torchserve_process(
+        tmp_path_factory, "torchserve-workers", moto_server, s3_proxy
+    ) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
