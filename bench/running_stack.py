@@ -28,6 +28,7 @@ class RunningStack:
     predict_token: str
     service_pid: int
     data_dir: Path
+    torchserve_inference: str  # TorchServe's gRPC inference address, for direct calls
 
     def rss_bytes(self) -> int:
         """The service process's resident memory, from /proc."""
@@ -79,6 +80,7 @@ def running_stack(*, trainer: bool = False, env: dict[str, str] | None = None) -
                 tokens[ENV_NAMES["predict"]],
                 service.pid,
                 home,
+                common["REFIT_TORCHSERVE_INFERENCE"],
             )
         finally:
             for process in reversed(processes):
