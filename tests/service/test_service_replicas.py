@@ -119,14 +119,18 @@ def services(
         client = TorchServeClient(
             f"127.0.0.1:{ports.grpc_inference}", f"127.0.0.1:{ports.grpc_management}"
         )
+        # TorchServe refuses to unregister its default version while others exist, and which
+        # version it holds as default when the services stop depends on their last reconcile
+        # (a pass from a service whose catalog had not seen the rollback yet may have set v2).
+        client.set_default(MODEL, "1")
         for version in ("2", "1"):  # free the session TorchServe's memory (the default last)
             unregister_when_idle(client, version)
         client.close()
 
 
 def unregister_when_idle(client: TorchServeClient, version: str, timeout_s: float = 30) -> None:
-    """TorchServe once answered this cleanup with UNKNOWN and no details (a fresh-clone run,
-    right after the services stopped; likely the worker still finishing): retry for a while."""
+    """TorchServe's gRPC API answers any exception it does not map with UNKNOWN and no details
+    (unregistering its default version is one): retry for a while."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
