@@ -5,11 +5,12 @@ data from the object store, fine-tunes EfficientNet-Lite0 with ``trainer.train.t
 and stores an archive; the served artifact (TorchScript inside the .mar) is then scored on the
 full 10k test split, also streamed from the store (``--flip-tta``: also with flip test-time
 augmentation, for information: the served model does not do it). Validation during training
-(epoch selection) uses other train images, never test images. Each set size has its recipe
-(``RECIPES``).
+(epoch selection) uses other train images, never test images. Every run starts from training's
+default recipe for its set (trainer/recipe.py: what Retrain uses when a request leaves the
+hyperparameters empty); modes and ``--set`` pairs change it.
 
-Modes: ``frozen`` (ImageNet weights, stem + first 10 of 16 blocks frozen), ``full`` (ImageNet
-weights, nothing frozen), ``scratch`` (random init, nothing frozen): same recipe.
+Modes: ``default`` (the recipe as is), ``frozen`` (stem + first 10 of 16 blocks frozen), ``full``
+(nothing frozen), ``scratch`` (random init, nothing frozen).
 
 Also measures training throughput of the engine (streamed, augmented, per-epoch validation
 excluded) against a plain in-memory torchvision-style loop on the same model and batch size.
@@ -33,7 +34,7 @@ import tempfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,9 @@ import torch
 from PIL import Image
 
 from refit.storage import FileStore, ObjectStore, S3Store, StorageSettings
+from trainer import recipe
 from trainer.backbones import BackboneRegistry
-from trainer.config import NO_FREEZE, Augmentation, TrainConfig
+from trainer.config import NO_FREEZE, TrainConfig
 from trainer.data import open_dataset
 from trainer.datasets import open_datasets
 from trainer.engine import evaluate
@@ -154,49 +156,22 @@ def prepare(
     return uris
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """The settings for one training-set size; larger sets get the larger ones' recipe."""
-
-    epochs: int
-    batch_size: int
-    crop_size: int  # input size; the 28 px images are upscaled to it
-    crop_scale: tuple[float, float]  # RandomResizedCrop area range; (1, 1): flips only
-    workers: int | None  # DataLoader workers; None: the host's default; 0: an epoch is 7 batches
-    val_per_class: int
+VAL_PER_CLASS = {10: 20, 100: 50}  # validation images per class (epoch selection) by set size
 
 
-# Few images: more, smaller steps and a larger input (cheap at 100 images); 1,000 images: the
-# 3-minute budget decides. docs/benchmarks.md has the runs behind these numbers.
-RECIPES = {
-    10: Recipe(epochs=30, batch_size=16, crop_size=160, crop_scale=(1.0, 1.0), workers=0,
-               val_per_class=20),
-    100: Recipe(epochs=15, batch_size=32, crop_size=96, crop_scale=(0.85, 1.0), workers=None,
-                val_per_class=50),
-}  # fmt: skip
+def val_per_class(shots: int) -> int:
+    return VAL_PER_CLASS.get(shots, max(20, shots // 2))
 
 
-def recipe_for(shots: int) -> Recipe:
-    return RECIPES[max([n for n in RECIPES if n <= shots], default=min(RECIPES))]
+def base_config(uri: str, out: str) -> TrainConfig:
+    """Training's own defaults: what Retrain does when a request leaves them empty."""
+    return TrainConfig(dataset=uri, out=out, bucket=BUCKET, resume=False, log_every=1000)
 
 
-def base_config(uri: str, out: str, recipe: Recipe) -> TrainConfig:
-    return TrainConfig(
-        dataset=uri,
-        out=out,
-        epochs=recipe.epochs,
-        batch_size=recipe.batch_size,
-        lr=2e-3,
-        weight_decay=0.05,
-        label_smoothing=0.1,
-        crop_size=recipe.crop_size,
-        resize_size=recipe.crop_size,
-        augmentation=Augmentation(crop_scale=recipe.crop_scale, hflip=0.5),
-        workers=recipe.workers,
-        bucket=BUCKET,
-        resume=False,
-        log_every=1000,
-    )
+def recipe_config(store: ObjectStore, uri: str, out: str, pairs: list[str]) -> TrainConfig:
+    """The default recipe for the set at ``uri`` (trainer/recipe.py), then ``--set`` pairs."""
+    config = base_config(uri, out)
+    return with_overrides(recipe.complete(config, recipe.survey(config, store)), pairs)
 
 
 def with_overrides(config: TrainConfig, pairs: list[str]) -> TrainConfig:
@@ -217,11 +192,12 @@ def with_overrides(config: TrainConfig, pairs: list[str]) -> TrainConfig:
     return replace(config, augmentation=replace(config.augmentation, **aug), **fields)
 
 
-MODES = {
-    "frozen": {"pretrained": True, "freeze": None},  # backbone default: 10 of 16 blocks
-    "frozen14": {"pretrained": True, "freeze": 14},  # only the last 2 blocks + head conv train
-    "full": {"pretrained": True, "freeze": NO_FREEZE},
-    "scratch": {"pretrained": False, "freeze": NO_FREEZE},
+MODES = {  # --set pairs over the default recipe
+    "default": [],  # as Retrain runs it
+    "frozen": ["freeze=10"],  # stem + first 10 of 16 blocks (EfficientNet-Lite0)
+    "frozen14": ["freeze=14"],  # only the last 2 blocks + head conv train
+    "full": [f"freeze={NO_FREEZE}"],
+    "scratch": ["pretrained=false", f"freeze={NO_FREEZE}"],
 }
 
 
@@ -257,8 +233,8 @@ def score_archive(
 
 
 def run(store: ObjectStore, uris: dict, shots: int, mode: str, sets: list, flip_tta: bool) -> dict:
-    config = base_config(uris[str(shots)], f"fmnist-{shots}-{mode}", recipe_for(shots))
-    config = with_overrides(replace(config, **MODES[mode]), sets)
+    uri = uris[str(shots)]
+    config = recipe_config(store, uri, f"fmnist-{shots}-{mode}", [*MODES[mode], *sets])
     started = time.perf_counter()
     result = train_and_package(config, store)
     wall = time.perf_counter() - started
@@ -269,7 +245,8 @@ def run(store: ObjectStore, uris: dict, shots: int, mode: str, sets: list, flip_
     steady = [h["images_per_second"] for h in history[1:]] or [history[0]["images_per_second"]]
     row = {
         "shots": shots, "mode": mode, "epochs": config.epochs, "batch_size": config.batch_size,
-        "crop_size": config.crop_size, "workers": config.workers, "set": sets,
+        "crop_size": config.crop_size, "freeze": config.freeze,
+        "augmentation": asdict(config.augmentation), "set": sets,
         "test_accuracy": accuracy, "test_accuracy_flip_tta": flip_accuracy,
         "test_images": images, "val_accuracy": result.metrics["val_accuracy"],
         "best_epoch": int(result.metrics["best_epoch"]) + 1,
@@ -289,8 +266,7 @@ def throughput(uri: str, store: ObjectStore, rounds: int, sets: list) -> dict:
     torchvision reference, and channels_last like the engine. Alternated ``rounds`` times (the
     machine may be shared), each figure the second epoch of its run; medians reported; the ratio
     is against the faster plain loop."""
-    config = replace(base_config(uri, "throughput", RECIPES[100]), epochs=2, **MODES["frozen"])
-    config = with_overrides(config, sets)
+    config = recipe_config(store, uri, "throughput", [*MODES["frozen"], "epochs=2", *sets])
     pre = Preprocessing.for_config(config)
     hw = setup_hardware("cpu")
     rates: dict[str, list[float]] = {"engine": [], "plain": [], "plain_channels_last": []}
@@ -357,7 +333,7 @@ def main() -> None:
                         choices=list(MODES))  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch default")
     parser.add_argument("--val-per-class", type=int, default=None,
-                        help="validation images per class (default: the recipe's)")  # fmt: skip
+                        help="validation images per class (default: VAL_PER_CLASS)")  # fmt: skip
     parser.add_argument("--test-limit", type=int, default=None, help="fewer test images (dev)")
     parser.add_argument("--throughput-rounds", type=int, default=3, help="0: skip")
     parser.add_argument(
@@ -374,7 +350,7 @@ def main() -> None:
         stores = open_store(args.store, Path(tmp))
         try:
             t0 = time.perf_counter()
-            val = {n: args.val_per_class or recipe_for(n).val_per_class for n in args.shots}
+            val = {n: args.val_per_class or val_per_class(n) for n in args.shots}
             uris = prepare(stores.store, val, args.test_limit)
             print(f"# store: {stores.kind}; upload {time.perf_counter() - t0:.0f} s", flush=True)
             rows = [

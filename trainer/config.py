@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 NO_FREEZE = -1  # mirrors trainer.finetune.NO_FREEZE without importing torch
 CROP_RATIO = 0.875  # resize = crop / this unless set: torchvision's evaluation convention
@@ -14,7 +14,7 @@ CROP_RATIO = 0.875  # resize = crop / this unless set: torchvision's evaluation 
 
 @dataclass(frozen=True)
 class Augmentation:
-    crop_scale: tuple[float, float] = (0.6, 1.0)  # RandomResizedCrop area range; (1, 1): no crop
+    crop_scale: tuple[float, float] = (0.85, 1.0)  # RandomResizedCrop area range; (1, 1): no crop
     hflip: float = 0.5  # probability
     rotation: float = 0.0  # max degrees either way
     translate: float = 0.0  # max shift either way, as a fraction of the image size
@@ -38,17 +38,18 @@ class TrainConfig:
     init_from: str | None = None  # "MODEL:VERSION" of a published model to continue from
     pretrained: bool = True  # False: random init (the from-scratch baseline)
     freeze: int | None = None  # stem + first K units frozen; -1 none; None: backbone default
-    epochs: int = 8
+    # None below: chosen from the dataset by the default recipe (trainer/recipe.py)
+    epochs: int | None = None
     head_epochs: int = 0  # > 0: two phases, head only first, then unfreeze down to `freeze`
     finetune_lr_scale: float = 0.1  # phase-two LR = lr * this
-    batch_size: int = 32
+    batch_size: int | None = None
     lr: float = 2e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     patience: int | None = None  # early stopping: epochs without val-accuracy gain
-    crop_size: int = 224
-    resize_size: int | None = None  # None: crop_size / 0.875
-    augmentation: Augmentation = field(default_factory=Augmentation)
+    crop_size: int | None = None
+    resize_size: int | None = None  # None: crop_size / 0.875 (or the recipe's)
+    augmentation: Augmentation | None = None
     val_fraction: float = 0.2
     seed: int = 0
     workers: int | None = None  # DataLoader processes; None: chosen for the host (hardware.py)
@@ -63,10 +64,14 @@ class TrainConfig:
     checkpoint_interval_s: float = 600.0  # also checkpoint within an epoch this often; 0: never
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.head_epochs < 0 or self.head_epochs > self.epochs:
-            raise ValueError("need epochs >= 1 and 0 <= head_epochs <= epochs")
-        if self.batch_size < 1 or self.lr <= 0:
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"need epochs >= 1, got {self.epochs}")
+        if self.head_epochs < 0 or self.head_epochs > (self.epochs or self.head_epochs):
+            raise ValueError("need 0 <= head_epochs <= epochs")
+        if (self.batch_size is not None and self.batch_size < 1) or self.lr <= 0:
             raise ValueError("batch_size and lr must be positive")
+        if self.crop_size is not None and self.crop_size < 1:
+            raise ValueError(f"crop_size must be positive, got {self.crop_size}")
         if self.freeze is not None and self.freeze < NO_FREEZE:
             raise ValueError(f"freeze must be >= {NO_FREEZE}, got {self.freeze}")
         if self.init_from is not None and ":" not in self.init_from:
@@ -75,7 +80,14 @@ class TrainConfig:
             raise ValueError(f"checkpoint_interval_s must be >= 0: {self.checkpoint_interval_s}")
 
     @property
+    def complete(self) -> bool:
+        """Nothing left to the recipe (trainer.recipe.complete fills it in)."""
+        chosen = (self.epochs, self.batch_size, self.crop_size, self.augmentation)
+        return None not in chosen
+
+    @property
     def eval_resize(self) -> int:
+        assert self.crop_size is not None, "complete the config first (trainer.recipe)"
         return self.resize_size or round(self.crop_size / CROP_RATIO)
 
     def hyperparameters(self) -> dict:
@@ -93,8 +105,8 @@ class TrainConfig:
             "seed",
         )
         params = {k: getattr(self, k) for k in keys}
-        params["resize_size"] = self.eval_resize
-        params["augmentation"] = asdict(self.augmentation)
+        params["resize_size"] = self.eval_resize if self.crop_size else self.resize_size
+        params["augmentation"] = asdict(self.augmentation) if self.augmentation else None
         return params
 
     def fingerprint(self, dataset_digest: str) -> str:
@@ -135,21 +147,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="units frozen above the stem (int), 'none' or 'default'",
     )
-    a("--epochs", type=int, default=8)
+    a("--epochs", type=int, default=None, help="default: by the training set's size")
     a("--head-epochs", type=int, default=0, help="head-only epochs before unfreezing")
     a("--finetune-lr-scale", type=float, default=0.1)
-    a("--batch-size", type=int, default=32)
+    a("--batch-size", type=int, default=None, help="default: by the training set's size")
     a("--lr", type=float, default=2e-3)
     a("--weight-decay", type=float, default=0.05)
     a("--label-smoothing", type=float, default=0.1)
     a("--patience", type=int, default=None)
-    a("--crop-size", type=int, default=224)
+    a("--crop-size", type=int, default=None, help="input size; default: by the images' size")
     a("--resize-size", type=int, default=None)
-    a("--crop-scale", type=float, nargs=2, default=(0.6, 1.0))
-    a("--hflip", type=float, default=0.5)
-    a("--rotation", type=float, default=0.0)
-    a("--translate", type=float, default=0.0, help="max shift, fraction of the image size")
-    a("--color-jitter", type=float, default=0.0)
+    augment = parser.add_argument_group(
+        "augmentation",
+        "default: the recipe's for the dataset (trainer/recipe.py); any of these "
+        "flags starts from Augmentation's defaults instead",
+    ).add_argument
+    augment("--crop-scale", type=float, nargs=2, default=None)
+    augment("--hflip", type=float, default=None)
+    augment("--rotation", type=float, default=None)
+    augment("--translate", type=float, default=None, help="max shift, fraction of the size")
+    augment("--color-jitter", type=float, default=None)
     a("--val-fraction", type=float, default=0.2)
     a("--seed", type=int, default=0)
     a("--workers", type=int, default=None, help="DataLoader processes (default: by host)")
@@ -187,13 +204,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         patience=args.patience,
         crop_size=args.crop_size,
         resize_size=args.resize_size,
-        augmentation=Augmentation(
-            crop_scale=tuple(args.crop_scale),
-            hflip=args.hflip,
-            rotation=args.rotation,
-            translate=args.translate,
-            color_jitter=args.color_jitter,
-        ),
+        augmentation=_augmentation_from_args(args),
         val_fraction=args.val_fraction,
         seed=args.seed,
         workers=args.workers,
@@ -206,3 +217,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         resume=args.resume,
         checkpoint_interval_s=args.checkpoint_interval_s,
     )
+
+
+def _augmentation_from_args(args: argparse.Namespace) -> Augmentation | None:
+    """None (the recipe's) unless a flag is given; then the given ones over the defaults."""
+    given = {
+        name: getattr(args, name)
+        for name in ("crop_scale", "hflip", "rotation", "translate", "color_jitter")
+        if getattr(args, name) is not None
+    }
+    if "crop_scale" in given:
+        given["crop_scale"] = tuple(given["crop_scale"])
+    return Augmentation(**given) if given else None

@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 
 from refit.storage import ObjectStore, StorageSettings
+from trainer import recipe
 from trainer.artifacts import TrainedModel, TrainResult, store_artifacts
 from trainer.backbones import BackboneRegistry
 from trainer.checkpoint import CheckpointStore
@@ -47,6 +48,7 @@ def train_and_package(
     open_data: DatasetOpener = open_datasets,
 ) -> TrainResult | None:
     """Train, export, package and store. Returns the result on rank 0 (None on other ranks).
+    What ``config`` leaves unset is the default recipe's for the dataset (trainer/recipe.py).
 
     ``on_event`` receives ProgressEvents (rank 0 only); ``cancel`` (a callable or an Event) is
     checked between batches and ends the run with TrainingCancelled, keeping the last
@@ -54,6 +56,9 @@ def train_and_package(
     """
     if isinstance(cancel, threading.Event):
         cancel = cancel.is_set
+    if not config.complete:
+        config = recipe.complete(config, recipe.survey(config, store))
+        log.info("recipe for %s: %s", config.dataset, config.hyperparameters())
     hw = setup_hardware(config.device, config.channels_last)
     try:
         trained = _train(config, store, hw, on_event, cancel, backbones or BackboneRegistry(),

@@ -8,7 +8,7 @@ import torch
 
 from tests.trainer.synthetic import CLASS_NAMES, ColourDataset
 from trainer.backbones import BackboneRegistry
-from trainer.config import TrainConfig
+from trainer.config import Augmentation, TrainConfig
 from trainer.datasets import Datasets
 from trainer.engine import EvalResult
 from trainer.finetune import FineTuneModel
@@ -29,6 +29,7 @@ def small_config(**changes: object) -> TrainConfig:
         epochs=4,
         batch_size=16,
         crop_size=SIZE,
+        augmentation=Augmentation(),
         workers=0,
         lr=3e-3,
         log_every=1,

@@ -14,10 +14,17 @@ def _parse(*argv: str):
     return config_from_args(parser.parse_args(["--dataset", "s3://b/d", "--out", "m", *argv]))
 
 
-def test_defaults_leave_channels_last_to_the_hardware_and_augment_mildly() -> None:
+def test_defaults_leave_the_hardware_and_the_recipe_to_choose() -> None:
     config = _parse()
     assert config.channels_last is None and config.freeze is None
-    assert config.augmentation.translate == 0.0 and config.augmentation.hflip == 0.5
+    assert (config.epochs, config.batch_size, config.crop_size, config.augmentation) == (None,) * 4
+    assert not config.complete
+
+
+def test_one_augmentation_flag_starts_from_the_mild_defaults() -> None:
+    augmentation = _parse("--rotation", "10").augmentation
+    assert augmentation.rotation == 10 and augmentation.hflip == 0.5
+    assert augmentation.translate == 0.0 and augmentation.crop_scale == (0.85, 1.0)
 
 
 def test_flags_reach_the_config() -> None:

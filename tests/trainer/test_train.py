@@ -77,6 +77,22 @@ def test_job_stores_a_content_addressed_archive_weights_and_lineage(job) -> None
     assert meta["hyperparameters"]["epochs"] == 4 and "val_accuracy" in meta["metrics"]
 
 
+@pytest.mark.integration
+def test_what_a_run_leaves_unset_comes_from_the_recipe(moto_server: MotoServer) -> None:
+    """Retrain with no hyperparameters: the stored version records the recipe's choices."""
+    store = S3Store(moto_server.settings)
+    bucket = f"ft-{uuid.uuid4().hex[:10]}"
+    uri = upload_colours(store, bucket, "colours", train=16, val=6, size=SIZE)
+    config = small_config(dataset=uri, bucket=bucket, epochs=1, batch_size=None, crop_size=None,
+                          augmentation=None)  # fmt: skip
+    result = train_and_package(config, store)
+    chosen = result.lineage.hyperparameters
+    assert (chosen["epochs"], chosen["batch_size"]) == (1, 16)  # the run's, the recipe's
+    assert (chosen["crop_size"], chosen["resize_size"]) == (96, 96)  # 48 px images, kept whole
+    assert tuple(chosen["augmentation"]["crop_scale"]) == (1.0, 1.0)  # 16 images a class: flips only
+    assert _archive_meta(store, bucket, result.archive_key)["crop_size"] == 96
+
+
 def _archive_meta(store: S3Store, bucket: str, key: str) -> dict:
     with zipfile.ZipFile(io.BytesIO(store.get(bucket, key))) as mar:
         return json.loads(mar.read("refit.json"))

@@ -49,7 +49,7 @@ class JobDir:
     def read_config(self) -> TrainConfig:
         fields = json.loads(self.config.read_text())
         aug = fields["augmentation"]
-        augmentation = Augmentation(**{**aug, "crop_scale": tuple(aug["crop_scale"])})
+        augmentation = aug and Augmentation(**{**aug, "crop_scale": tuple(aug["crop_scale"])})
         return TrainConfig(**{**fields, "augmentation": augmentation})
 
     def write_result(self, result: TrainResult) -> None:

@@ -24,6 +24,9 @@ def test_config_and_result_cross_the_job_dir_unchanged(tmp_path: Path) -> None:
     )  # fmt: skip
     job_dir.write_config(config)
     assert job_dir.read_config() == config
+    left_to_the_recipe = TrainConfig(dataset="s3://d/p", out="m")  # each rank completes it
+    job_dir.write_config(left_to_the_recipe)
+    assert job_dir.read_config() == left_to_the_recipe
     result = TrainResult(
         model="m", version="2", archive_key="archives/m/x.mar", archive_digest="x",
         weights_key="weights/m/x.pt", class_names=["a", "b"], metrics={"val_accuracy": 0.5},

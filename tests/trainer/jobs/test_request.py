@@ -17,7 +17,9 @@ def test_zero_values_mean_defaults_and_the_job_pins_run_id_and_version() -> None
     config = train_config(
         {"model": "m", "dataset_uri": "s3://data/p"}, SETTINGS, job_id="job-1", version="4"
     )
-    assert (config.out, config.dataset, config.epochs, config.lr) == ("m", "s3://data/p", 8, 2e-3)
+    assert (config.out, config.dataset, config.lr) == ("m", "s3://data/p", 2e-3)
+    # Left to the recipe, chosen from the dataset when training starts (trainer/recipe.py).
+    assert (config.epochs, config.batch_size, config.crop_size, config.augmentation) == (None,) * 4
     assert config.run_id == "job-1" and config.version == "4" and config.resume
     assert (config.bucket, config.workers, config.device) == ("b", 3, "cpu")
     assert config.freeze is None and config.init_from is None and config.log_every == 1

@@ -1,0 +1,114 @@
+"""The default recipe: what a run leaves unset (``None`` in TrainConfig) is chosen from the
+dataset's size and its images' size, the way the Fashion-MNIST runs in docs/benchmarks.md chose.
+
+- epochs: about ``IMAGES_PER_RUN`` training images seen in all, within ``EPOCH_RANGE``: a
+  few-shot set gets many cheap passes, a large one at least the lower bound.
+- batch size: smaller under ``SMALL_SET`` images, so a tiny set still takes several steps an
+  epoch.
+- input size: small images are upscaled only as far as the network needs (``MIN_INPUT``, in
+  steps of 32) and kept whole; images of ``FULL_INPUT`` px or more are cropped to it, as
+  ImageNet's weights were trained.
+- augmentation: flips only under ``CROP_FROM_PER_CLASS`` images per class (random crops lost
+  points there); above it, mild random resized crops.
+
+Surveying lists the dataset once more and reads the headers of a few images; a packed dataset's
+image size is not surveyed, so it gets ``FULL_INPUT``.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+from dataclasses import dataclass, replace
+
+from PIL import Image
+
+from refit.storage import ObjectStore, S3Uri
+from trainer.config import Augmentation, TrainConfig
+
+IMAGES_PER_RUN = 15_000
+EPOCH_RANGE = (8, 60)
+SMALL_SET = 500
+SMALL_BATCH, BATCH = 16, 32
+MIN_INPUT, FULL_INPUT = 96, 224
+CROP_FROM_PER_CLASS = 50
+MILD_CROP = (0.85, 1.0)
+SAMPLED_IMAGES = 5
+
+
+@dataclass(frozen=True)
+class DatasetShape:
+    train_images: int
+    classes: int
+    image_side: int | None  # median shorter side of a few sampled images; None: not surveyed
+
+    @property
+    def per_class(self) -> float:
+        return self.train_images / max(self.classes, 1)
+
+
+def epochs_for(shape: DatasetShape) -> int:
+    low, high = EPOCH_RANGE
+    return min(max(round(IMAGES_PER_RUN / max(shape.train_images, 1)), low), high)
+
+
+def batch_size_for(shape: DatasetShape) -> int:
+    return SMALL_BATCH if shape.train_images < SMALL_SET else BATCH
+
+
+def input_size_for(shape: DatasetShape) -> tuple[int, int | None]:
+    """(crop, resize): small images whole at the next multiple of 32 (at least MIN_INPUT);
+    large ones resized and center-cropped to FULL_INPUT (resize None: torchvision's ratio)."""
+    side = shape.image_side
+    if side is None or side >= FULL_INPUT:
+        return FULL_INPUT, None
+    crop = max(MIN_INPUT, -(-side // 32) * 32)
+    return crop, crop
+
+
+def augmentation_for(shape: DatasetShape) -> Augmentation:
+    crop_scale = (1.0, 1.0) if shape.per_class < CROP_FROM_PER_CLASS else MILD_CROP
+    return Augmentation(crop_scale=crop_scale)
+
+
+def complete(config: TrainConfig, shape: DatasetShape) -> TrainConfig:
+    """``config`` with every field it leaves to the recipe filled in from ``shape``."""
+    crop, resize = input_size_for(shape)
+    chosen_input = config.crop_size is None
+    return replace(
+        config,
+        epochs=config.epochs or max(epochs_for(shape), config.head_epochs),
+        batch_size=config.batch_size or batch_size_for(shape),
+        crop_size=crop if chosen_input else config.crop_size,
+        resize_size=resize if chosen_input and config.resize_size is None else config.resize_size,
+        augmentation=config.augmentation or augmentation_for(shape),
+    )
+
+
+def survey(config: TrainConfig, store: ObjectStore) -> DatasetShape:
+    """The training split's size and its images' size, read the way open_dataset reads them."""
+    from trainer.data.layout import build_listing, list_objects, normalize_prefix
+    from trainer.data.open import read_index
+    from trainer.data.retry import RetryPolicy
+
+    prefix = normalize_prefix(S3Uri.parse(config.dataset))
+    retry = RetryPolicy()
+    index = read_index(store, prefix, retry)
+    if index is not None:
+        return DatasetShape(index.count("train"), len(index.class_names), None)
+    listing = build_listing(prefix, list_objects(store, prefix, retry), config.val_fraction)
+    train = listing.splits["train"]
+    step = max(len(train) // SAMPLED_IMAGES, 1)
+    sides = [_shorter_side(store, prefix.bucket, s.key) for s in train[::step][:SAMPLED_IMAGES]]
+    known = [side for side in sides if side is not None]
+    side = int(statistics.median(known)) if known else None
+    return DatasetShape(len(train), len(listing.class_names), side)
+
+
+def _shorter_side(store: ObjectStore, bucket: str, key: str) -> int | None:
+    """From the image's header; None when it cannot be read (training reports bad images)."""
+    try:
+        with Image.open(io.BytesIO(store.get(bucket, key))) as image:
+            return min(image.size)
+    except Exception:
+        return None
