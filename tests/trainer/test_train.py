@@ -89,7 +89,7 @@ def test_what_a_run_leaves_unset_comes_from_the_recipe(moto_server: MotoServer) 
     chosen = result.lineage.hyperparameters
     assert (chosen["epochs"], chosen["batch_size"]) == (1, 16)  # the run's, the recipe's
     assert (chosen["crop_size"], chosen["resize_size"]) == (96, 96)  # 48 px images, kept whole
-    assert tuple(chosen["augmentation"]["crop_scale"]) == (1.0, 1.0)  # 16 images a class: flips only
+    assert tuple(chosen["augmentation"]["crop_scale"]) == (1.0, 1.0)  # 16 a class: flips only
     assert _archive_meta(store, bucket, result.archive_key)["crop_size"] == 96
 
 
