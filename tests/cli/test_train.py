@@ -34,7 +34,7 @@ def test_train_command_stores_an_archive_and_reports_it(
     key = result["archive"].removeprefix("s3://refit/")
     assert store.stat("refit", key) is not None
     assert "epoch 1/1" in captured.err  # the progress bar
-    assert result["lineage"]["frozen_depth"] == 2
+    assert result["lineage"]["frozen_depth"] == 10
 
 
 def test_train_command_explains_a_missing_backbone_weights_file(
