@@ -37,7 +37,7 @@ class TrainConfig:
     backbone: str = "efficientnet_lite0"
     init_from: str | None = None  # "MODEL:VERSION" of a published model to continue from
     pretrained: bool = True  # False: random init (the from-scratch baseline)
-    freeze: int | None = None  # stem + first K units frozen; -1 none; None: backbone default
+    freeze: int | None = None  # stem + first K units frozen; -1 none; None: the recipe's
     # None below: chosen from the dataset by the default recipe (trainer/recipe.py)
     epochs: int | None = None
     head_epochs: int = 0  # > 0: two phases, head only first, then unfreeze down to `freeze`
@@ -82,7 +82,7 @@ class TrainConfig:
     @property
     def complete(self) -> bool:
         """Nothing left to the recipe (trainer.recipe.complete fills it in)."""
-        chosen = (self.epochs, self.batch_size, self.crop_size, self.augmentation)
+        chosen = (self.freeze, self.epochs, self.batch_size, self.crop_size, self.augmentation)
         return None not in chosen
 
     @property
@@ -145,7 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--freeze",
         type=parse_freeze,
         default=None,
-        help="units frozen above the stem (int), 'none' or 'default'",
+        help="units frozen above the stem (int), 'none' or 'default' (the recipe's: none for "
+        "much upscaled images, else the backbone's)",
     )
     a("--epochs", type=int, default=None, help="default: by the training set's size")
     a("--head-epochs", type=int, default=0, help="head-only epochs before unfreezing")

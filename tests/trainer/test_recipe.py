@@ -10,7 +10,7 @@ from PIL import Image
 
 from refit.storage import FileStore
 from trainer import recipe
-from trainer.config import Augmentation, TrainConfig
+from trainer.config import NO_FREEZE, Augmentation, TrainConfig
 from trainer.recipe import DatasetShape
 
 
@@ -48,17 +48,25 @@ def test_few_shot_sets_get_flips_only_and_larger_ones_mild_crops() -> None:
 
 def test_complete_fills_only_what_the_config_leaves_unset() -> None:
     shape = DatasetShape(100, 10, 28)
-    filled = recipe.complete(_config(), shape)
+    filled = recipe.complete(_config(freeze=3), shape)
     assert filled.complete
     assert (filled.epochs, filled.batch_size, filled.crop_size, filled.eval_resize) == (
         60, 16, 96, 96,
     )  # fmt: skip
     assert filled.augmentation == Augmentation(crop_scale=(1.0, 1.0))
     mine = Augmentation(rotation=10)
-    chosen = _config(epochs=3, batch_size=8, crop_size=64, augmentation=mine)
+    chosen = _config(freeze=3, epochs=3, batch_size=8, crop_size=64, augmentation=mine)
     assert recipe.complete(chosen, shape) == chosen
     # The user's input size keeps torchvision's resize ratio unless they set the resize too.
     assert recipe.complete(_config(crop_size=160), shape).eval_resize == round(160 / 0.875)
+
+
+def test_much_upscaled_images_train_every_layer_and_others_keep_the_backbones_default() -> None:
+    assert recipe.complete(_config(), DatasetShape(1_000, 10, 28)).freeze == NO_FREEZE  # 96 px
+    assert recipe.complete(_config(), DatasetShape(1_000, 10, 150)).freeze is None  # 160 px
+    assert recipe.complete(_config(), DatasetShape(1_000, 10, 500)).freeze is None
+    assert recipe.complete(_config(crop_size=64), DatasetShape(1_000, 10, 28)).freeze == NO_FREEZE
+    assert recipe.complete(_config(freeze=10), DatasetShape(1_000, 10, 28)).freeze == 10
 
 
 def test_head_epochs_are_never_more_than_the_recipes_epochs() -> None:
