@@ -1,4 +1,4 @@
-"""Predict latency and throughput, side by side in one run, concurrency 1 and 8.
+"""Predict latency and throughput, side by side in one run, at each --concurrency (1 and 8).
 
 Same model (imagenet v1, EfficientNet-Lite0), same images. Each --target starts its own stack on
 free ports and tears it down:
@@ -7,8 +7,11 @@ free ports and tears it down:
 - ``containers``: the compose stack on this machine's Docker engine (docker-compose.yml with
   docker-compose.test.yml, deploy/containers/stack.py), through the service's published port.
 
+Calls the service refuses with RESOURCE_EXHAUSTED (more in flight than its
+``maximum_concurrent_rpcs``, REFIT_GRPC_WORKERS) are counted in the table, not timed.
+
 Usage: PYTHONPATH=. .venv/bin/python bench/predict_latency.py [--requests N]
-           [--target local] [--target containers]
+           [--concurrency 1 8 32] [--rounds 5] [--target local] [--target containers]
 """
 
 from __future__ import annotations
@@ -94,24 +97,46 @@ def via_torchserve_rest(port: int) -> Callable[[], Call]:
     return make
 
 
-def load(make: Callable[[], Call], images: list[bytes], requests: int, concurrency: int) -> tuple:
-    """``requests`` calls from ``concurrency`` threads; returns (latencies, seconds)."""
+def load(
+    make: Callable[[], Call],
+    images: list[bytes],
+    requests: int,
+    concurrency: int,
+    refused: list[int] | None = None,
+) -> tuple:
+    """``requests`` calls from ``concurrency`` threads; returns (latencies, seconds).
+
+    Any failed call ends the run, unless ``refused`` is given: then calls the server refused
+    with RESOURCE_EXHAUSTED (over its ``maximum_concurrent_rpcs``) are added to it instead
+    (one entry each), their thread goes on, and they count in no latency."""
     latencies: list[float] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
     per_thread = -(-requests // concurrency)  # at least one each
     barrier = threading.Barrier(concurrency + 1)
 
+    def attempt(call: Call, image: bytes) -> bool:
+        """Whether the call was served; False when refused and refusals are counted."""
+        try:
+            call(image)
+        except grpc.RpcError as exc:
+            if refused is None or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            return False
+        return True
+
     def worker(offset: int) -> None:
-        mine = []
+        mine, refusals = [], []
         try:
             call = make()
-            call(images[offset % len(images)])  # connection set-up outside the measurement
+            attempt(call, images[offset % len(images)])  # connections set up, not measured
             barrier.wait()
             for i in range(per_thread):
                 start = time.perf_counter()
-                call(images[(offset + i) % len(images)])
-                mine.append(time.perf_counter() - start)
+                if attempt(call, images[(offset + i) % len(images)]):
+                    mine.append(time.perf_counter() - start)
+                else:
+                    refusals.append(i)
         except threading.BrokenBarrierError:
             return  # another thread failed before the start
         except Exception as exc:
@@ -119,6 +144,8 @@ def load(make: Callable[[], Call], images: list[bytes], requests: int, concurren
             barrier.abort()
         with lock:
             latencies.extend(mine)
+            if refused is not None:
+                refused.extend(refusals)
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(concurrency)]
     for thread in threads:
@@ -136,14 +163,18 @@ def load(make: Callable[[], Call], images: list[bytes], requests: int, concurren
 def interleaved(
     paths: dict, images: list[bytes], requests: int, concurrency: int, rounds: int = 5
 ) -> dict:
-    """Alternates the paths in rounds so drift in machine load hits each of them alike."""
-    samples = {name: ([], 0.0) for name in paths}
+    """Alternates the paths in rounds so drift in machine load hits each of them alike. Calls
+    refused with RESOURCE_EXHAUSTED are counted (``refused``), not timed."""
+    samples = {name: ([], 0.0, []) for name in paths}
     for _ in range(rounds):
         for name, make in paths.items():
-            latencies, seconds = load(make, images, requests // rounds, concurrency)
-            done, total = samples[name]
-            samples[name] = (done + latencies, total + seconds)
-    return {name: summarize(*sample) for name, sample in samples.items()}
+            done, total, refused = samples[name]
+            latencies, seconds = load(make, images, requests // rounds, concurrency, refused)
+            samples[name] = (done + latencies, total + seconds, refused)
+    return {
+        name: summarize(latencies, seconds) | {"refused": len(refused)}
+        for name, (latencies, seconds, refused) in samples.items()
+    }
 
 
 def summarize(latencies: list[float], seconds: float) -> dict:
@@ -205,6 +236,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400, help="per path and concurrency")
     parser.add_argument("--target", action="append", choices=TARGETS, help="repeatable")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 8], help="calls in flight, e.g. 1 8 32"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per level")
     args = parser.parse_args()
     images = [jpeg(data.coffee()), jpeg(data.chelsea()), jpeg(data.astronaut())]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -217,8 +252,8 @@ def main() -> None:
             load(make, images, 16, 1)
         results = {
             (name, c): result
-            for c in (1, 8)
-            for name, result in interleaved(paths, images, args.requests, c).items()
+            for c in args.concurrency
+            for name, result in interleaved(paths, images, args.requests, c, args.rounds).items()
         }
     report(results)
 
@@ -227,13 +262,17 @@ def report(results: dict) -> None:
     """One table; ratios against direct TorchServe gRPC when measured, else the first path."""
     names = list(dict.fromkeys(name for name, _ in results))
     base = "TorchServe gRPC (direct)" if "TorchServe gRPC (direct)" in names else names[0]
-    print(f"| path | concurrency | req/s | p50 ms | p99 ms | req/s vs {base} | p50 vs {base} |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| path | concurrency | req/s | p50 ms | p99 ms | req/s vs {base} | p50 vs {base} "
+        "| refused |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for (name, c), r in results.items():
         first = results[(base, c)]
         print(
             f"| {name} | {c} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{r['rps'] / first['rps']:.2f}x | {r['p50_ms'] - first['p50_ms']:+.1f} ms |"
+            f"{r['rps'] / first['rps']:.2f}x | {r['p50_ms'] - first['p50_ms']:+.1f} ms | "
+            f"{r['refused']} |"
         )
 
 

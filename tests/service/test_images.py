@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 from PIL import Image
 
@@ -55,3 +57,13 @@ def test_rejects_an_aspect_ratio_the_handler_cannot_resize(size: tuple[int, int]
 @pytest.mark.parametrize("size", [(20, 1), (1, 20), (4000, 200)])
 def test_accepts_an_aspect_ratio_up_to_the_limit(size: tuple[int, int]) -> None:
     assert inspect_image(encode(Image.new("RGB", size), "PNG"), **LIMITS).width == size[0]
+
+
+def test_a_large_image_under_the_limit_raises_no_warning() -> None:
+    """Past PIL's own bomb threshold (about 89 M pixels) it warns; refit's limit decides."""
+    pixels = Image.MAX_IMAGE_PIXELS + 1_000_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        info = inspect_image(huge_png(10_000, pixels // 10_000), max_bytes=1 << 20,
+                             max_pixels=2 * pixels)  # fmt: skip
+    assert info.width == 10_000
