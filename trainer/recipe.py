@@ -16,8 +16,8 @@ A frozen depth left to the recipe may stay None after it: the backbone's default
   Fashion-MNIST training all layers beat freezing 10 blocks by 0.9-1.6 points. Other images keep
   the backbone's default, which freezes the early layers (their generic features).
 
-Surveying lists the dataset once more and reads the headers of a few images; a packed dataset's
-image size is not surveyed, so it gets ``FULL_INPUT``.
+Surveying lists the dataset once more and downloads 5 sampled images to read their size; a
+packed dataset's image size is not surveyed, so it gets ``FULL_INPUT``.
 """
 
 from __future__ import annotations
