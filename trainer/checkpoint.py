@@ -37,6 +37,7 @@ class Checkpoint:
     optimizer: dict
     scheduler: dict
     data: dict  # the training dataset's state_dict: its epoch and images consumed
+    ema: dict | None = None  # the weight average's state_dict, when the run keeps one
 
     def to_dict(self) -> dict:
         """The stored layout (unchanged since epoch-end checkpoints, so old ones resume)."""
@@ -59,7 +60,7 @@ class Checkpoint:
             "bad_epochs": selection.bad_epochs,
             "stopped_early": self.state.stopped_early,
             "history": self.state.history,
-        }
+        } | ({"ema": self.ema} if self.ema is not None else {})
 
     @classmethod
     def from_dict(cls, saved: dict) -> Checkpoint:
@@ -79,7 +80,7 @@ class Checkpoint:
             history=list(saved["history"]),
         )
         return cls(state, saved["phase"], saved["model"], saved["optimizer"],
-                   saved["scheduler"], saved["data"])  # fmt: skip
+                   saved["scheduler"], saved["data"], saved.get("ema"))  # fmt: skip
 
 
 @dataclass(frozen=True)

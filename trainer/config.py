@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 NO_FREEZE = -1  # mirrors trainer.finetune.NO_FREEZE without importing torch
 CROP_RATIO = 0.875  # resize = crop / this unless set: torchvision's evaluation convention
@@ -19,6 +19,8 @@ class Augmentation:
     rotation: float = 0.0  # max degrees either way
     translate: float = 0.0  # max shift either way, as a fraction of the image size
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0: off
+    mixup: float = 0.0  # MixUp's Beta(alpha, alpha) over each batch; 0: off
+    cutmix: float = 0.0  # CutMix's alpha; with mixup too, each batch gets one of the two
 
     def __post_init__(self) -> None:
         low, high = self.crop_scale
@@ -28,6 +30,8 @@ class Augmentation:
             raise ValueError(f"hflip is a probability, got {self.hflip}")
         if not 0 <= self.translate < 1:
             raise ValueError(f"translate is a fraction of the size in [0, 1), got {self.translate}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError(f"mixup and cutmix are alphas >= 0, got {self.mixup}, {self.cutmix}")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
+    ema_decay: float = 0.0  # > 0: validate, keep and serve an exponential average of the weights
     patience: int | None = None  # early stopping: epochs without val-accuracy gain
     crop_size: int | None = None
     resize_size: int | None = None  # None: crop_size / 0.875 (or the recipe's)
@@ -76,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"freeze must be >= {NO_FREEZE}, got {self.freeze}")
         if self.init_from is not None and ":" not in self.init_from:
             raise ValueError(f"init_from is MODEL:VERSION, got {self.init_from!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.checkpoint_interval_s < 0:
             raise ValueError(f"checkpoint_interval_s must be >= 0: {self.checkpoint_interval_s}")
 
@@ -99,6 +106,7 @@ class TrainConfig:
             "lr",
             "weight_decay",
             "label_smoothing",
+            "ema_decay",
             "patience",
             "crop_size",
             "val_fraction",
@@ -155,6 +163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--lr", type=float, default=2e-3)
     a("--weight-decay", type=float, default=0.05)
     a("--label-smoothing", type=float, default=0.1)
+    a("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights (0: off)")
     a("--patience", type=int, default=None)
     a("--crop-size", type=int, default=None, help="input size; default: by the images' size")
     a("--resize-size", type=int, default=None)
@@ -168,6 +177,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     augment("--rotation", type=float, default=None)
     augment("--translate", type=float, default=None, help="max shift, fraction of the size")
     augment("--color-jitter", type=float, default=None)
+    augment("--mixup", type=float, default=None, help="MixUp alpha (0: off)")
+    augment("--cutmix", type=float, default=None, help="CutMix alpha (0: off)")
     a("--val-fraction", type=float, default=0.2)
     a("--seed", type=int, default=0)
     a("--workers", type=int, default=None, help="DataLoader processes (default: by host)")
@@ -202,6 +213,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr,
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
+        ema_decay=args.ema_decay,
         patience=args.patience,
         crop_size=args.crop_size,
         resize_size=args.resize_size,
@@ -223,9 +235,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _augmentation_from_args(args: argparse.Namespace) -> Augmentation | None:
     """None (the recipe's) unless a flag is given; then the given ones over the defaults."""
     given = {
-        name: getattr(args, name)
-        for name in ("crop_scale", "hflip", "rotation", "translate", "color_jitter")
-        if getattr(args, name) is not None
+        f.name: getattr(args, f.name)
+        for f in fields(Augmentation)  # each field has its flag
+        if getattr(args, f.name) is not None
     }
     if "crop_scale" in given:
         given["crop_scale"] = tuple(given["crop_scale"])

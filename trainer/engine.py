@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from trainer.hardware import Hardware, sum_across_ranks
 
@@ -158,8 +159,12 @@ def train_one_epoch(
     cancel: CancelCheck | None = None,
     log_every: int = 10,
     on_batch: Callable[[int], None] | None = None,
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ema: AveragedModel | None = None,
 ) -> EpochStats:
-    """Train one pass over ``loader``; raises TrainingCancelled when ``cancel()`` turns true."""
+    """Train one pass over ``loader``; raises TrainingCancelled when ``cancel()`` turns true.
+    ``mix`` turns a batch into mixed images and soft targets (MixUp/CutMix); ``ema`` is updated
+    after every step."""
     model.train()
     stats = EpochStats()
     loss_sum = torch.zeros((), device=hw.device)
@@ -180,9 +185,12 @@ def train_one_epoch(
                 on_batch(len(batch[1]))
             continue
         images, labels = to_device(*batch, hw)
+        targets = labels
+        if mix is not None:
+            images, targets = mix(images, labels)
         with autocast(hw):
             logits = model(images)
-            loss = criterion(logits, labels)
+            loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -193,6 +201,8 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         loss_sum += loss.detach() * labels.size(0)
         correct += (logits.detach().argmax(1) == labels).sum()
         stats.images += labels.size(0)

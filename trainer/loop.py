@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from trainer.checkpoint import Checkpoint, CheckpointStore, TrainingState
 from trainer.config import TrainConfig
@@ -19,6 +20,7 @@ from trainer.finetune import FineTuneModel
 from trainer.hardware import Hardware, sum_across_ranks, sync_buffers
 from trainer.reporting import history_entry, report_epoch
 from trainer.schedule import Optimization, Phase, plan_phases
+from trainer.transforms import batch_mix
 
 
 @dataclass
@@ -53,6 +55,8 @@ def fit(
         data.train.load_state_dict(saved.data)
     state = saved.state if saved is not None else TrainingState()
     epochs = _Epochs(model, data, config, hw, checkpoints, on_event, cancel)
+    if epochs.ema is not None and saved is not None and saved.ema is not None:
+        epochs.ema.load_state_dict(saved.ema)
     started = time.perf_counter()
     for phase in plan_phases(config, freeze, model.max_depth()):
         if not state.stopped_early and phase.end_epoch > state.next_epoch:
@@ -69,6 +73,13 @@ def fit(
         images_per_second=images / seconds if seconds else 0.0,
         stopped_early=state.stopped_early,
     )
+
+
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics, or None."""
+    if decay == 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 class _Epochs:
@@ -90,6 +101,9 @@ class _Epochs:
         self.steps = steps_per_epoch(data.train, config.batch_size, hw)
         self.clock = Clock(epochs=config.epochs, batches_per_epoch=self.steps)
         self.loaders = Loaders.for_datasets(data, config, hw)
+        assert config.augmentation is not None, "complete the config first (trainer.recipe)"
+        self.mix = batch_mix(config.augmentation, len(data.train.class_names))
+        self.ema = weight_average(model, config.ema_decay)
         self.images = 0  # trained on by this rank, this run
         self.saved_at = time.monotonic()
 
@@ -115,14 +129,16 @@ class _Epochs:
         stats = train_one_epoch(
             steps.model, steps.criterion, steps.optimizer, steps.scheduler, self.loaders.train,
             self.hw, epoch=epoch, clock=self.clock, scaler=steps.scaler, on_event=self.on_event,
-            cancel=self.cancel, log_every=self.config.log_every, on_batch=consumed,
+            cancel=self.cancel, log_every=self.config.log_every, on_batch=consumed, mix=self.mix,
+            ema=self.ema,
         )  # fmt: skip
         self.images += stats.images
         sync_buffers(self.model, self.hw)
+        judged = self.model if self.ema is None else self.ema.module  # what would be served
         classes = len(self.data.train.class_names)
-        result = evaluate(self.model, nn.CrossEntropyLoss(), self.loaders.val, self.hw, classes)
+        result = evaluate(judged, nn.CrossEntropyLoss(), self.loaders.val, self.hw, classes)
         state.history.append(history_entry(epoch, stats, result))
-        improved = state.selection.record(epoch, result, self.model)
+        improved = state.selection.record(epoch, result, judged)
         state.next_epoch = epoch + 1
         state.stopped_early = state.selection.should_stop(improved, self.config.patience)
         self._save(phase, steps, state)
@@ -141,6 +157,7 @@ class _Epochs:
                 optimizer=steps.optimizer.state_dict(),
                 scheduler=steps.scheduler.state_dict(),
                 data=self.data.train.state_dict(),
+                ema=self.ema.state_dict() if self.ema is not None else None,
             )
             self.checkpoints.save(checkpoint)
         self.saved_at = time.monotonic()

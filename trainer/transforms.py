@@ -12,9 +12,10 @@ from torchvision.transforms import v2
 from trainer.config import Augmentation
 from trainer.preprocessing import Preprocessing
 
-__all__ = ["Augmentation", "eval_transform", "train_transform"]
+__all__ = ["Augmentation", "batch_mix", "eval_transform", "train_transform"]
 
 Transform = Callable[[Image.Image], torch.Tensor]
+BatchMix = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -37,6 +38,18 @@ def train_transform(pre: Preprocessing, aug: Augmentation) -> Transform:
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
     return v2.Compose(steps)
+
+
+def batch_mix(aug: Augmentation, classes: int) -> BatchMix | None:
+    """MixUp and/or CutMix over a batch: (images, labels) -> (mixed images, soft targets)."""
+    mixes = [
+        mix(alpha=alpha, num_classes=classes)
+        for mix, alpha in ((v2.MixUp, aug.mixup), (v2.CutMix, aug.cutmix))
+        if alpha > 0
+    ]
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 def eval_transform(pre: Preprocessing) -> Transform:

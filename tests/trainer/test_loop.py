@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from refit.storage import FileStore, S3Store
 from tests.trainer.data.helpers import ident, image_objects, upload_images
 from tests.trainer.fitting import CPU, colour_data, colour_model, kept_epoch, small_config
 from trainer.checkpoint import CheckpointStore
+from trainer.config import Augmentation
 from trainer.datasets import open_datasets
 from trainer.engine import ProgressEvent, TrainingCancelled
 from trainer.loop import fit
@@ -47,6 +49,30 @@ def test_a_final_training_batch_of_one_image_is_skipped_and_counted_as_read() ->
     epoch_end = next(e for e in events if e.kind == "epoch")
     assert epoch_end.batch == 1 and result.epochs_run == 1  # one step, then the epoch ended
     assert data.train.seen == 17  # the skipped image counts as read: a resume will not reread it
+
+
+def test_mixup_and_cutmix_runs_still_learn_the_classes() -> None:
+    config = small_config(augmentation=Augmentation(mixup=0.2, cutmix=1.0))
+    result = fit(colour_model(config), colour_data(config), config, CPU, freeze=10)
+    assert result.best.accuracy >= 0.9
+
+
+def test_with_a_weight_average_the_average_is_validated_and_kept() -> None:
+    # A long-horizon average over a short run stays near the untrained start: it scores near
+    # chance, and the weights left in the model are the average's, not the last step's.
+    config = small_config(ema_decay=0.999)
+    model = colour_model(config)
+    start = _head_weights(model)
+    trained = fit(colour_model(config), colour_data(config), replace(config, ema_decay=0), CPU,
+                  freeze=10)  # fmt: skip
+    averaged = fit(model, colour_data(config), config, CPU, freeze=10)
+    assert trained.best.accuracy >= 0.9 and averaged.best.accuracy <= 0.6
+    drift = (_head_weights(model) - start).abs().max().item()
+    assert 0 < drift < 0.1 * start.abs().max().item()
+
+
+def _head_weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.head().parameters()])
 
 
 def test_two_phases_train_the_head_first_then_the_top_units() -> None:
@@ -120,6 +146,25 @@ def test_checkpoint_then_resume_continues_at_the_next_epoch(file_store: FileStor
     assert result.history[:2] == saved.state.history
     assert data.train.epoch == 2
     assert checkpoints.load().state.next_epoch == 3
+
+
+def test_a_resumed_run_continues_its_weight_average(file_store: FileStore) -> None:
+    file_store.ensure_bucket("refit")
+    checkpoints = CheckpointStore(file_store, "refit", "run-ema")
+    config = small_config(epochs=2, ema_decay=0.9)
+    stop = threading.Event()
+
+    def stop_after_one(event: ProgressEvent) -> None:
+        if event.kind == "epoch":
+            stop.set()
+
+    with pytest.raises(TrainingCancelled):
+        fit(colour_model(config), colour_data(config, train=64), config, CPU, freeze=10,
+            checkpoints=checkpoints, on_event=stop_after_one, cancel=stop.is_set)  # fmt: skip
+    assert checkpoints.load().ema["n_averaged"].item() == 4  # 64 images, batches of 16
+    fit(colour_model(config), colour_data(config, train=64), config, CPU, freeze=10,
+        checkpoints=checkpoints)  # fmt: skip
+    assert checkpoints.load().ema["n_averaged"].item() == 8  # both epochs' steps
 
 
 # --- mid-epoch resume, streaming from a real S3 server -------------------------------------------

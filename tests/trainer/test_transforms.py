@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 
 from trainer.config import Augmentation
 from trainer.preprocessing import Preprocessing
-from trainer.transforms import eval_transform, train_transform
+from trainer.transforms import batch_mix, eval_transform, train_transform
 
 PRE = Preprocessing(resize_size=40, crop_size=32)
 
@@ -66,8 +66,40 @@ def test_no_augmentation_equals_evaluation() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"crop_scale": (0.0, 1.0)}, {"crop_scale": (0.9, 0.5)}, {"hflip": 1.5}, {"translate": 1.0}],
+    [
+        {"crop_scale": (0.0, 1.0)},
+        {"crop_scale": (0.9, 0.5)},
+        {"hflip": 1.5},
+        {"translate": 1.0},
+        {"mixup": -0.1},
+        {"cutmix": -1.0},
+    ],
 )
 def test_invalid_augmentation_is_rejected(bad: dict) -> None:
     with pytest.raises(ValueError):
         Augmentation(**bad)
+
+
+def test_no_batch_mix_unless_asked() -> None:
+    assert batch_mix(Augmentation(), classes=4) is None
+
+
+def test_mixup_blends_each_image_with_another_and_softens_its_target() -> None:
+    torch.manual_seed(0)
+    images = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
+    labels = torch.tensor([0, 1, 2, 3])
+    mixed, targets = batch_mix(Augmentation(mixup=1.0), classes=4)(images, labels)
+    assert targets.shape == (4, 4) and torch.allclose(targets.sum(1), torch.ones(4))
+    for image, target in zip(mixed, targets, strict=True):
+        # each pixel is the two source images' values weighted by the target's two shares
+        assert torch.allclose(image, (target * torch.arange(4.0)).sum().expand_as(image))
+        assert (target > 0).sum() == 2
+
+
+def test_cutmix_pastes_a_patch_and_shares_the_target_by_area() -> None:
+    torch.manual_seed(0)
+    images = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
+    mixed, targets = batch_mix(Augmentation(cutmix=1.0), classes=4)(images, torch.arange(4))
+    for i, (image, target) in enumerate(zip(mixed, targets, strict=True)):
+        own_share = (image == i).float().mean()
+        assert torch.isclose(target[i], own_share)
