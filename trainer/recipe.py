@@ -10,7 +10,10 @@ A frozen depth left to the recipe may stay None after it: the backbone's default
   steps of 32) and kept whole; images of ``FULL_INPUT`` px or more are cropped to it, as
   ImageNet's weights were trained.
 - augmentation: flips only under ``CROP_FROM_PER_CLASS`` images per class (random crops lost
-  points there); above it, mild random resized crops.
+  points there); above it, mild random resized crops. Under ``MIX_BELOW_PER_CLASS`` images per
+  class each batch is also mixed (MixUp or CutMix, ``MIX``): on Fashion-MNIST it gained 0.9
+  points at 10 images per class (higher on each of three seeds) and was neutral at 100. Larger
+  sets train for few epochs, likely too few for mixing to pay off (not measured).
 - frozen depth: images upscaled ``UPSCALED`` times or more train every layer. Their pixels look
   nothing like ImageNet's at the first layers' scale (blurred, often grayscale), and on
   Fashion-MNIST training all layers beat freezing 10 blocks by 0.9-1.6 points. Other images keep
@@ -38,6 +41,8 @@ SMALL_BATCH, BATCH = 16, 32
 MIN_INPUT, FULL_INPUT = 96, 224
 CROP_FROM_PER_CLASS = 50
 MILD_CROP = (0.85, 1.0)
+MIX_BELOW_PER_CLASS = 500
+MIX = {"mixup": 0.2, "cutmix": 1.0}  # Beta alphas; each batch gets one of the two
 UPSCALED = 2
 SAMPLED_IMAGES = 5
 
@@ -74,7 +79,8 @@ def input_size_for(shape: DatasetShape) -> tuple[int, int | None]:
 
 def augmentation_for(shape: DatasetShape) -> Augmentation:
     crop_scale = (1.0, 1.0) if shape.per_class < CROP_FROM_PER_CLASS else MILD_CROP
-    return Augmentation(crop_scale=crop_scale)
+    mix = MIX if shape.per_class < MIX_BELOW_PER_CLASS else {}
+    return Augmentation(crop_scale=crop_scale, **mix)
 
 
 def freeze_for(shape: DatasetShape, crop_size: int) -> int | None:

@@ -46,6 +46,14 @@ def test_few_shot_sets_get_flips_only_and_larger_ones_mild_crops() -> None:
     assert recipe.augmentation_for(DatasetShape(1_000, 10, 28)).crop_scale == (0.85, 1.0)
 
 
+def test_batches_are_mixed_under_500_images_per_class() -> None:
+    for per_class in (10, 100, 499):
+        mixed = recipe.augmentation_for(DatasetShape(per_class * 10, 10, 28))
+        assert (mixed.mixup, mixed.cutmix) == (0.2, 1.0)
+    plain = recipe.augmentation_for(DatasetShape(5_000, 10, 28))
+    assert (plain.mixup, plain.cutmix) == (0.0, 0.0)
+
+
 def test_complete_fills_only_what_the_config_leaves_unset() -> None:
     shape = DatasetShape(100, 10, 28)
     filled = recipe.complete(_config(freeze=3), shape)
@@ -53,7 +61,7 @@ def test_complete_fills_only_what_the_config_leaves_unset() -> None:
     assert (filled.epochs, filled.batch_size, filled.crop_size, filled.eval_resize) == (
         60, 16, 96, 96,
     )  # fmt: skip
-    assert filled.augmentation == Augmentation(crop_scale=(1.0, 1.0))
+    assert filled.augmentation == Augmentation(crop_scale=(1.0, 1.0), mixup=0.2, cutmix=1.0)
     mine = Augmentation(rotation=10)
     chosen = _config(freeze=3, epochs=3, batch_size=8, crop_size=64, augmentation=mine)
     assert recipe.complete(chosen, shape) == chosen

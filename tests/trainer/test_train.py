@@ -90,6 +90,7 @@ def test_what_a_run_leaves_unset_comes_from_the_recipe(moto_server: MotoServer) 
     assert (chosen["epochs"], chosen["batch_size"]) == (1, 16)  # the run's, the recipe's
     assert (chosen["crop_size"], chosen["resize_size"]) == (96, 96)  # 48 px images, kept whole
     assert tuple(chosen["augmentation"]["crop_scale"]) == (1.0, 1.0)  # 16 a class: flips only
+    assert (chosen["augmentation"]["mixup"], chosen["augmentation"]["cutmix"]) == (0.2, 1.0)
     assert result.lineage.frozen_depth == NO_FREEZE  # upscaled 2x: every layer trains
     assert _archive_meta(store, bucket, result.archive_key)["crop_size"] == 96
 
