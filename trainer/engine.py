@@ -25,6 +25,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from trainer.hardware import Hardware, sum_across_ranks
+from trainer.transforms import BatchMix
 
 CancelCheck = Callable[[], bool]  # e.g. threading.Event().is_set
 
@@ -159,7 +160,7 @@ def train_one_epoch(
     cancel: CancelCheck | None = None,
     log_every: int = 10,
     on_batch: Callable[[int], None] | None = None,
-    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    mix: BatchMix | None = None,
     ema: AveragedModel | None = None,
 ) -> EpochStats:
     """Train one pass over ``loader``; raises TrainingCancelled when ``cancel()`` turns true.
