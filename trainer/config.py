@@ -21,6 +21,8 @@ class Augmentation:
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0: off
     mixup: float = 0.0  # MixUp's Beta(alpha, alpha) over each batch; 0: off
     cutmix: float = 0.0  # CutMix's alpha; with mixup too, each batch gets one of the two
+    trivial_augment: bool = False  # TrivialAugmentWide: one random op at a random strength
+    erasing: float = 0.0  # RandomErasing probability; 0: off
 
     def __post_init__(self) -> None:
         low, high = self.crop_scale
@@ -30,6 +32,8 @@ class Augmentation:
             raise ValueError(f"hflip is a probability, got {self.hflip}")
         if not 0 <= self.translate < 1:
             raise ValueError(f"translate is a fraction of the size in [0, 1), got {self.translate}")
+        if not 0 <= self.erasing <= 1:
+            raise ValueError(f"erasing is a probability, got {self.erasing}")
         if self.mixup < 0 or self.cutmix < 0:
             raise ValueError(f"mixup and cutmix are alphas >= 0, got {self.mixup}, {self.cutmix}")
 
@@ -179,6 +183,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     augment("--color-jitter", type=float, default=None)
     augment("--mixup", type=float, default=None, help="MixUp alpha (0: off)")
     augment("--cutmix", type=float, default=None, help="CutMix alpha (0: off)")
+    augment(
+        "--trivial-augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TrivialAugmentWide: one random photometric or geometric op per image",
+    )
+    augment("--erasing", type=float, default=None, help="RandomErasing probability (0: off)")
     a("--val-fraction", type=float, default=0.2)
     a("--seed", type=int, default=0)
     a("--workers", type=int, default=None, help="DataLoader processes (default: by host)")

@@ -36,7 +36,11 @@ def train_transform(pre: Preprocessing, aug: Augmentation) -> Transform:
     if aug.color_jitter > 0:
         j = aug.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    if aug.trivial_augment:
+        steps.append(v2.TrivialAugmentWide())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
+    if aug.erasing > 0:
+        steps.append(v2.RandomErasing(aug.erasing))
     return v2.Compose(steps)
 
 

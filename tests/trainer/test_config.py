@@ -37,8 +37,9 @@ def test_flags_reach_the_config() -> None:
 
 def test_every_augmentation_field_and_the_weight_average_have_flags() -> None:
     config = _parse("--mixup", "0.2", "--cutmix", "1", "--color-jitter", "0.1", "--hflip", "0",
-                    "--ema-decay", "0.99")  # fmt: skip
+                    "--ema-decay", "0.99", "--trivial-augment", "--erasing", "0.25")  # fmt: skip
     assert (config.augmentation.mixup, config.augmentation.cutmix) == (0.2, 1.0)
+    assert config.augmentation.trivial_augment and config.augmentation.erasing == 0.25
     assert config.augmentation.color_jitter == 0.1 and config.augmentation.hflip == 0
     assert config.ema_decay == 0.99 and config.hyperparameters()["ema_decay"] == 0.99
 

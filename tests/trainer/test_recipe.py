@@ -20,7 +20,7 @@ def _config(**fields) -> TrainConfig:
 
 @pytest.mark.parametrize(
     ("train_images", "epochs", "batch_size"),
-    [(100, 60, 16), (300, 50, 16), (1_000, 15, 32), (5_000, 8, 32), (1_000_000, 8, 32)],
+    [(100, 150, 16), (300, 50, 16), (1_000, 15, 32), (5_000, 8, 32), (1_000_000, 8, 32)],
 )
 def test_smaller_sets_get_more_epochs_and_smaller_batches(
     train_images: int, epochs: int, batch_size: int
@@ -41,9 +41,11 @@ def test_small_images_are_kept_whole_and_large_ones_cropped_to_imagenets_size(
     assert recipe.input_size_for(DatasetShape(1_000, 10, side)) == (crop, resize)
 
 
-def test_few_shot_sets_get_flips_only_and_larger_ones_mild_crops() -> None:
-    assert recipe.augmentation_for(DatasetShape(100, 10, 28)).crop_scale == (1.0, 1.0)
-    assert recipe.augmentation_for(DatasetShape(1_000, 10, 28)).crop_scale == (0.85, 1.0)
+def test_few_shot_sets_get_trivial_augment_without_crops_and_larger_ones_mild_crops() -> None:
+    few = recipe.augmentation_for(DatasetShape(100, 10, 28))
+    assert few.crop_scale == (1.0, 1.0) and few.trivial_augment
+    larger = recipe.augmentation_for(DatasetShape(1_000, 10, 28))
+    assert larger.crop_scale == (0.85, 1.0) and not larger.trivial_augment
 
 
 def test_batches_are_mixed_under_500_images_per_class() -> None:
@@ -59,9 +61,11 @@ def test_complete_fills_only_what_the_config_leaves_unset() -> None:
     filled = recipe.complete(_config(freeze=3), shape)
     assert filled.complete
     assert (filled.epochs, filled.batch_size, filled.crop_size, filled.eval_resize) == (
-        60, 16, 96, 96,
+        150, 16, 96, 96,
     )  # fmt: skip
-    assert filled.augmentation == Augmentation(crop_scale=(1.0, 1.0), mixup=0.2, cutmix=1.0)
+    assert filled.augmentation == Augmentation(
+        crop_scale=(1.0, 1.0), mixup=0.2, cutmix=1.0, trivial_augment=True
+    )
     mine = Augmentation(rotation=10)
     chosen = _config(freeze=3, epochs=3, batch_size=8, crop_size=64, augmentation=mine)
     assert recipe.complete(chosen, shape) == chosen

@@ -64,6 +64,29 @@ def test_no_augmentation_equals_evaluation() -> None:
     assert torch.equal(transform(_image()), eval_transform(PRE)(_image()))
 
 
+def test_erasing_blanks_one_rectangle_after_normalization() -> None:
+    plain = Augmentation(crop_scale=(1.0, 1.0), hflip=0.0)
+    erased = train_transform(PRE, Augmentation(crop_scale=(1.0, 1.0), hflip=0.0, erasing=1.0))
+    torch.manual_seed(0)
+    out, reference = erased(_image()), train_transform(PRE, plain)(_image())
+    changed = (out != reference).any(0).nonzero()
+    assert len(changed) > 0 and bool((out[:, changed[:, 0], changed[:, 1]] == 0).all())
+    rows, cols = changed[:, 0], changed[:, 1]
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert box == len(changed)  # one filled rectangle
+
+
+def test_trivial_augment_varies_images_and_keeps_their_shape() -> None:
+    transform = train_transform(
+        PRE, Augmentation(crop_scale=(1.0, 1.0), hflip=0.0, trivial_augment=True)
+    )
+    reference = eval_transform(PRE)(_image())
+    torch.manual_seed(0)
+    outputs = [transform(_image()) for _ in range(10)]
+    assert all(o.shape == (3, 32, 32) and o.dtype == torch.float32 for o in outputs)
+    assert sum(not torch.equal(o, reference) for o in outputs) >= 5
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -73,6 +96,7 @@ def test_no_augmentation_equals_evaluation() -> None:
         {"translate": 1.0},
         {"mixup": -0.1},
         {"cutmix": -1.0},
+        {"erasing": 1.5},
     ],
 )
 def test_invalid_augmentation_is_rejected(bad: dict) -> None:
