@@ -11,9 +11,12 @@ A frozen depth left to the recipe may stay None after it: the backbone's default
 - input size: small images are upscaled only as far as the network needs (``MIN_INPUT``, in
   steps of 32) and kept whole; images of ``FULL_INPUT`` px or more are cropped to it, as
   ImageNet's weights were trained.
-- augmentation: under ``CROP_FROM_PER_CLASS`` images per class no crops (random crops lost
-  points there) but flips and TrivialAugmentWide (one random operation per image); above it,
-  mild random resized crops and flips (TrivialAugment lost 1.6 points at 100 per class). Under
+- augmentation: under ``CROP_FROM_PER_CLASS`` images per class flips and no crops (random crops
+  lost points there), and for grayscale images TrivialAugmentWide too (one random operation per
+  image); above it, mild random resized crops and flips (TrivialAugment lost 1.6 points at 100
+  per class). Colour images get no TrivialAugment: its colour operations (solarize, posterize,
+  saturation) erase classes told apart by colour (a 4-colour test set fell from 0.7 or more to
+  0.5), and no colour set was measured to show a gain. Under
   ``MIX_BELOW_PER_CLASS`` images per class each batch is also mixed (MixUp or CutMix, ``MIX``):
   on Fashion-MNIST it gained 0.9 points at 10 images per class (higher on each of three seeds)
   and was neutral at 100. Larger sets train for few epochs, likely too few for mixing to pay
@@ -23,8 +26,8 @@ A frozen depth left to the recipe may stay None after it: the backbone's default
   Fashion-MNIST training all layers beat freezing 10 blocks by 0.9-1.6 points. Other images keep
   the backbone's default, which freezes the early layers (their generic features).
 
-Surveying lists the dataset once more and downloads 5 sampled images to read their size; a
-packed dataset's image size is not surveyed, so it gets ``FULL_INPUT``.
+Surveying lists the dataset once more and downloads 5 sampled images to read their size and
+mode; a packed dataset's images are not surveyed, so it gets ``FULL_INPUT`` and counts as colour.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ MIX_BELOW_PER_CLASS = 500
 MIX = {"mixup": 0.2, "cutmix": 1.0}  # Beta alphas; each batch gets one of the two
 UPSCALED = 2
 SAMPLED_IMAGES = 5
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL's single-channel modes
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class DatasetShape:
     train_images: int
     classes: int
     image_side: int | None  # median shorter side of a few sampled images; None: not surveyed
+    grayscale: bool = False  # every sampled image is single-channel; False: colour or unknown
 
     @property
     def per_class(self) -> float:
@@ -84,7 +89,11 @@ def input_size_for(shape: DatasetShape) -> tuple[int, int | None]:
 def augmentation_for(shape: DatasetShape) -> Augmentation:
     few = shape.per_class < CROP_FROM_PER_CLASS
     mix = MIX if shape.per_class < MIX_BELOW_PER_CLASS else {}
-    return Augmentation(crop_scale=(1.0, 1.0) if few else MILD_CROP, trivial_augment=few, **mix)
+    return Augmentation(
+        crop_scale=(1.0, 1.0) if few else MILD_CROP,
+        trivial_augment=few and shape.grayscale,
+        **mix,
+    )
 
 
 def freeze_for(shape: DatasetShape, crop_size: int) -> int | None:
@@ -110,7 +119,8 @@ def complete(config: TrainConfig, shape: DatasetShape) -> TrainConfig:
 
 
 def survey(config: TrainConfig, store: ObjectStore) -> DatasetShape:
-    """The training split's size and its images' size, read the way open_dataset reads them."""
+    """The training split's size and its images' size and mode, read the way open_dataset
+    reads them."""
     from trainer.data.layout import build_listing, list_objects, normalize_prefix
     from trainer.data.open import read_index
     from trainer.data.retry import RetryPolicy
@@ -123,16 +133,18 @@ def survey(config: TrainConfig, store: ObjectStore) -> DatasetShape:
     listing = build_listing(prefix, list_objects(store, prefix, retry), config.val_fraction)
     train = listing.splits["train"]
     step = max(len(train) // SAMPLED_IMAGES, 1)
-    sides = [_shorter_side(store, prefix.bucket, s.key) for s in train[::step][:SAMPLED_IMAGES]]
-    known = [side for side in sides if side is not None]
-    side = int(statistics.median(known)) if known else None
-    return DatasetShape(len(train), len(listing.class_names), side)
+    samples = [_sample(store, prefix.bucket, s.key) for s in train[::step][:SAMPLED_IMAGES]]
+    known = [sample for sample in samples if sample is not None]
+    side = int(statistics.median(s for s, _ in known)) if known else None
+    grayscale = bool(known) and all(gray for _, gray in known)
+    return DatasetShape(len(train), len(listing.class_names), side, grayscale)
 
 
-def _shorter_side(store: ObjectStore, bucket: str, key: str) -> int | None:
-    """From the image's header; None when it cannot be read (training reports bad images)."""
+def _sample(store: ObjectStore, bucket: str, key: str) -> tuple[int, bool] | None:
+    """(shorter side, grayscale) from the image's header; None when it cannot be read
+    (training reports bad images)."""
     try:
         with Image.open(io.BytesIO(store.get(bucket, key))) as image:
-            return min(image.size)
+            return min(image.size), image.mode in GRAY_MODES
     except Exception:
         return None

@@ -41,11 +41,16 @@ def test_small_images_are_kept_whole_and_large_ones_cropped_to_imagenets_size(
     assert recipe.input_size_for(DatasetShape(1_000, 10, side)) == (crop, resize)
 
 
-def test_few_shot_sets_get_trivial_augment_without_crops_and_larger_ones_mild_crops() -> None:
-    few = recipe.augmentation_for(DatasetShape(100, 10, 28))
+def test_few_shot_sets_get_no_crops_and_larger_ones_mild_crops() -> None:
+    few = recipe.augmentation_for(DatasetShape(100, 10, 28, grayscale=True))
     assert few.crop_scale == (1.0, 1.0) and few.trivial_augment
-    larger = recipe.augmentation_for(DatasetShape(1_000, 10, 28))
+    larger = recipe.augmentation_for(DatasetShape(1_000, 10, 28, grayscale=True))
     assert larger.crop_scale == (0.85, 1.0) and not larger.trivial_augment
+
+
+def test_trivial_augment_only_for_grayscale_images_whose_colour_it_cannot_erase() -> None:
+    colour = recipe.augmentation_for(DatasetShape(100, 10, 28, grayscale=False))
+    assert colour.crop_scale == (1.0, 1.0) and not colour.trivial_augment
 
 
 def test_batches_are_mixed_under_500_images_per_class() -> None:
@@ -57,7 +62,7 @@ def test_batches_are_mixed_under_500_images_per_class() -> None:
 
 
 def test_complete_fills_only_what_the_config_leaves_unset() -> None:
-    shape = DatasetShape(100, 10, 28)
+    shape = DatasetShape(100, 10, 28, grayscale=True)
     filled = recipe.complete(_config(freeze=3), shape)
     assert filled.complete
     assert (filled.epochs, filled.batch_size, filled.crop_size, filled.eval_resize) == (
@@ -86,9 +91,9 @@ def test_head_epochs_are_never_more_than_the_recipes_epochs() -> None:
     assert filled.epochs == 12
 
 
-def _png(side: tuple[int, int]) -> bytes:
+def _png(side: tuple[int, int], mode: str = "RGB") -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", side, (120, 30, 200)).save(buffer, format="PNG")
+    Image.new(mode, side, (120, 30, 200) if mode == "RGB" else 120).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -101,5 +106,19 @@ def test_survey_counts_the_training_split_and_reads_the_images_size(tmp_path: Pa
         store.put("data", f"set/val/{cls}/0.png", _png((40, 28)))
     store.put("data", "set/train/cat/broken.png", b"not an image")
     shape = recipe.survey(_config(), store)
-    assert shape == DatasetShape(train_images=13, classes=3, image_side=28)
+    assert shape == DatasetShape(train_images=13, classes=3, image_side=28, grayscale=False)
     assert recipe.complete(_config(), shape).crop_size == 96
+
+
+@pytest.mark.parametrize(
+    ("modes", "grayscale"), [(["L"] * 4, True), (["L", "L", "RGB", "L"], False)]
+)
+def test_survey_finds_grayscale_only_when_every_sampled_image_is(
+    tmp_path: Path, modes: list[str], grayscale: bool
+) -> None:
+    store = FileStore(tmp_path)
+    store.ensure_bucket("data")
+    for i, mode in enumerate(modes):
+        store.put("data", f"set/train/cat/{i}.png", _png((28, 28), mode))
+        store.put("data", f"set/train/dog/{i}.png", _png((28, 28), "L"))
+    assert recipe.survey(_config(), store).grayscale is grayscale
