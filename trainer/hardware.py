@@ -60,10 +60,6 @@ def setup_hardware(device: str = "auto", channels_last: bool | None = None) -> H
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         dev, amp = torch.device("cpu"), None
-        # Tiny gradients late in a run make denormal floats, which cost x86 cores many cycles
-        # each: flushing them trained 8% faster here at the same accuracy (docs/benchmarks.md).
-        # Threads started later inherit the mode, OpenMP's pool included (its first op is later).
-        torch.set_flush_denormal(True)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size)
