@@ -3,9 +3,10 @@
 publish(): add the VersionRecord to the registry (from then on the training is never lost: the
 service's reconciler loads the version whenever TorchServe is up), get it registered with
 TorchServe (retrying with backoff while TorchServe is unreachable, for up to ``wait_s``),
-smoke-test one inference, then the promotion gate decides whether it becomes the default. The
-default flips only once the new version is served, so the old default answers every request until
-the switch. A version that TorchServe refuses, or that fails its smoke test, is removed from the
+smoke-test one inference (starting its worker again if a service's worker budget stopped it
+meanwhile), then the promotion gate decides whether it becomes the default. The default flips
+only once the new version is served, so the old default answers every request until the switch.
+A version that TorchServe refuses, or that fails its smoke test, is removed from the
 registry again: nothing half-working is published.
 
 The gate's decision itself is refit.promotion's.
@@ -27,7 +28,7 @@ from refit.errors import DeadlineExceeded, FailedPrecondition, NotFound, RefitEr
 from refit.promotion import BaselineFn, GateDecision, decide
 from refit.registry import Registry, VersionRecord, check_model_name
 from refit.storage import ObjectStore
-from refit.torchserve import ModelNotLoaded, TorchServeClient
+from refit.torchserve import ModelNotLoaded, NoWorker, TorchServeClient
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,8 @@ class Publisher:
                 self._register(record)
                 self._smoke_test(record)
                 return
-            except (Unavailable, DeadlineExceeded, ModelNotLoaded) as exc:
-                reason = exc.message  # TorchServe is down or restarted: not the archive's fault
+            except (Unavailable, DeadlineExceeded, ModelNotLoaded, NoWorker) as exc:
+                reason = exc.message  # TorchServe down, restarted, or its worker stopped again
             except RefitError as exc:
                 with contextlib.suppress(RefitError):
                     self.torchserve.unregister(model, version)
@@ -186,7 +187,14 @@ class Publisher:
         self.torchserve.register(record.model, record.version, url, batching=record.batching)
 
     def _smoke_test(self, record: VersionRecord) -> None:
-        answer = self.torchserve.predict(record.model, record.version, smoke_image(), top_k=1)
+        model, version = record.model, record.version
+        try:
+            answer = self.torchserve.predict(model, version, smoke_image(), top_k=1)
+        except NoWorker:
+            # A service stopped its worker (over its worker budget) since it loaded: not the
+            # archive's fault. Start one again and ask once more.
+            self.torchserve.scale(model, version, 1, timeout_s=self.torchserve.register_timeout_s)
+            answer = self.torchserve.predict(model, version, smoke_image(), top_k=1)
         labels = [p.get("label") for p in answer.get("predictions", [])]
         if not labels or labels[0] not in record.class_names:
             raise PublishFailed(f"unexpected answer {str(answer)[:200]}")

@@ -11,7 +11,9 @@ A worker is a Python process with torch loaded (about 0.5 GB of its own memory h
   at most ``scale_up_timeout_s`` (or its own deadline) before failing UNAVAILABLE;
 - a version that is not a default and got no Predict for ``idle_s`` goes back to 0 workers;
 - at most ``max_warm`` versions hold a worker (0: no bound): one more stops the least recently
-  used first, versions that are not a default before defaults.
+  used first: versions that are not a default before young candidates (published within
+  ``candidate_warm_s``), those before defaults. A publish whose new version loses its worker
+  this way starts it again for its smoke test (refit.publish).
 
 The state here is this service's view, rebuilt from TorchServe on every reconcile pass
 (``observe``); a version it has not seen yet is assumed to have a worker, and a Predict that
@@ -204,9 +206,10 @@ class Workers:
             stopping = set(self._moves) - starting
             warm = (self._holding - stopping) | starting | ({extra} if extra else set())
             excess = len(warm) - self.policy.max_warm
+            young = self._young(self.wall())
             candidates = sorted(
                 self._holding - starting - {extra} - set(self._moves) - set(self._in_flight),
-                key=lambda k: (k in self._defaults, self._last_used.get(k, 0.0)),
+                key=lambda k: (k in self._defaults, k in young, self._last_used.get(k, 0.0)),
             )
             victims = candidates[: max(excess, 0)]
             self._claim(victims)
@@ -221,10 +224,18 @@ class Workers:
                 key
                 for key in self._holding - self._defaults - set(self._moves) - set(self._in_flight)
                 if now - self._last_used.get(key, now) >= self.policy.idle_s
-                and wall >= self._created.get(key, 0.0) + self.policy.candidate_warm_s
+                and key not in self._young(wall)
             ]
             self._claim(victims)
         return victims
+
+    def _young(self, wall: float) -> set[Key]:
+        """Versions published within ``candidate_warm_s`` (being smoke-tested, gated, tried)."""
+        return {
+            key
+            for key, created in self._created.items()
+            if wall < created + self.policy.candidate_warm_s
+        }
 
     def _claim(self, keys: list[Key]) -> None:
         """Marks versions as stopping (under the lock): Predicts now wait for the stop, then

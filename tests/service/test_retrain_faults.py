@@ -18,12 +18,15 @@ import pytest
 
 from local_stack.torchserve import TorchServeProcess
 from refit.lineage import Lineage
+from refit.publish import Publisher
 from refit.registry import Registry
 from refit.storage import S3Store
+from refit.torchserve import TorchServeClient
 from refit.trainer.v1 import trainer_pb2_grpc
 from refit.v1 import refit_pb2 as pb
 from tests.conftest import MotoServer
 from tests.faults import S3FaultProxy
+from tests.service.conftest import bucket_with_imagenet_archive
 from tests.service.test_retrain import trainer_settings
 from tests.trainer.synthetic import upload_colours
 from trainer.server import TrainerServer, build_server
@@ -195,3 +198,33 @@ def test_a_publish_whose_store_write_is_refused_fails_and_keeps_the_default(
     assert registry.default_version("guarded") == "1"
     assert [v.version for v in registry.versions("guarded")] == ["1"]
     assert json.loads(store.get(bucket, "registry/guarded/default.json")) == {"version": "1"}
+
+
+class StopsEachNewVersion(TorchServeClient):
+    """A TorchServe where, as a service over its worker budget may do, something scales each
+    version to 0 workers right after it loads (before the publisher's smoke test)."""
+
+    def register(self, model: str, version: str, url: str, **options) -> None:
+        super().register(model, version, url, **options)
+        self.scale(model, version, 0, timeout_s=30)
+
+
+def test_a_version_stopped_between_loading_and_its_smoke_test_is_still_published(
+    moto_server: MotoServer, torchserve: TorchServeProcess, refit_bucket: str, cat_jpeg: bytes
+) -> None:
+    store, bucket, base = bucket_with_imagenet_archive(moto_server, refit_bucket, "stopped")
+    record = dataclasses.replace(base, model=f"stopped-{uuid.uuid4().hex[:6]}", lineage=Lineage())
+    ports = torchserve.ports
+    client = StopsEachNewVersion(
+        f"127.0.0.1:{ports.grpc_inference}",
+        f"127.0.0.1:{ports.grpc_management}",
+        management_rest=f"127.0.0.1:{ports.management}",
+    )
+    try:
+        decision = Publisher(store, bucket, client).publish(record, baseline=lambda _: None)
+        answer = client.predict(record.model, record.version, cat_jpeg, top_k=1)
+    finally:
+        client.close()
+    assert decision.promote
+    assert Registry(store, bucket).default_version(record.model) == record.version
+    assert answer["predictions"][0]["label"] in record.class_names

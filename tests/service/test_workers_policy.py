@@ -101,6 +101,20 @@ def test_the_budget_stops_the_least_recently_used_non_default_first() -> None:
     assert workers.holding() == {A1, A2, B1}
 
 
+def test_the_budget_stops_young_candidates_after_other_non_defaults() -> None:
+    """A version published within candidate_warm_s is being smoke-tested and gated: it goes
+    after older versions that are not a default, even when those were used more recently."""
+    clock, torchserve = Clock(), RecordingTorchServe()
+    workers = Workers(torchserve, WorkerPolicy(max_warm=3), clock=clock, wall=lambda: 1e9)
+    young = {A2: 1e9 - 100, B2: 1e9 - 3600}  # A2 published 100 s ago, B2 an hour ago
+    workers.observe(Observation({A1, A2, B2, B1}, {A1, A2, B2}, {A1, A2, B2}, {A1}, young))
+    for key in (A2, B2, A1):
+        clock.now += 1
+        workers.ensure(*key)
+    workers.ensure("b", "1")
+    assert torchserve.calls == [("b", "2", 0), ("b", "1", 1)]
+
+
 def test_when_only_defaults_are_warm_the_budget_stops_the_least_recently_used() -> None:
     clock, torchserve = Clock(), RecordingTorchServe()
     workers = workers_with(torchserve, {A1, B1}, {A1, B1}, clock, max_warm=2)
