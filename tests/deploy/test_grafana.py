@@ -58,6 +58,20 @@ def test_dashboard_covers_each_concern(dashboard):
     assert {"Traffic", "Latency", "Errors", "Models", "Training", "Data throughput"} <= rows
 
 
+def test_dashboard_shows_workers_and_replicas(dashboard):
+    """What the worker budget and the replica rotation do (README *Workers*, *Replicas*)."""
+    shown = " ".join(queries(dashboard))
+    for series in (
+        "refit_warm_versions",
+        "refit_worker_scale_ups",
+        "refit_worker_scale_downs",
+        "refit_worker_scale_up_seconds",
+        "refit_torchserve_replica_up",
+        "refit_torchserve_replica_in_rotation",
+    ):
+        assert series in shown, series
+
+
 def test_queries_parse(dashboard, tmp_path: Path):
     # promtool parses PromQL only inside rule files: one recording rule per query.
     rules = [
