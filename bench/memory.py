@@ -30,10 +30,10 @@ import zipfile
 from pathlib import Path
 
 import psutil
+from running_stack import running_stack
 from skimage import data
 
 from cli.client import ClientSettings, connect
-from local_stack import running_stack
 from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.netutil import free_port
 from refit.registry import Registry, VersionRecord

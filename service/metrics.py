@@ -89,6 +89,13 @@ WORKER_SCALE_DOWNS = Counter(
     "Workers stopped, by reason (idle, budget) and outcome (ok, failed)",
     ["reason", "outcome"],
 )
+# Every outcome exported at 0 from the start: a series born at 1 shows no rate() or increase()
+# for its first event, and the dashboard and RefitWorkerStartsFailing read these.
+for _outcome in ("ok", "timeout", "failed"):
+    WORKER_SCALE_UPS.labels(_outcome)
+for _reason in ("idle", "budget"):
+    for _outcome in ("ok", "failed"):
+        WORKER_SCALE_DOWNS.labels(_reason, _outcome)
 MODEL_PROBLEM = Gauge(
     "refit_model_problem",
     "1 while a model cannot be served as published (GetModel says why)",

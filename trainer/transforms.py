@@ -57,7 +57,8 @@ def batch_mix(aug: Augmentation, classes: int) -> BatchMix | None:
 
 
 def eval_transform(pre: Preprocessing) -> Transform:
-    """The serving handler's pipeline (trainer/serving/handler.py), step for step."""
+    """What the serving handler computes (trainer/serving/handler.py ``Preprocess``, written
+    without torchvision), to the bit: tests/trainer/test_transforms.py."""
     return v2.Compose(
         [
             v2.Lambda(to_rgb),

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 from trainer.config import Augmentation
 from trainer.preprocessing import Preprocessing
+from trainer.serving.handler import transform_for
 from trainer.transforms import batch_mix, eval_transform, train_transform
 
 PRE = Preprocessing(resize_size=40, crop_size=32)
@@ -20,13 +22,27 @@ def _image(mode: str = "RGB") -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).convert(mode)
 
 
-def test_eval_transform_is_the_handlers_pipeline() -> None:
-    # trainer/serving/handler.py: RGB decode, Resize, CenterCrop, ToDtype(scale), Normalize.
-    handler = v2.Compose([v2.ToImage(), v2.Resize(PRE.resize_size, antialias=True),
-                          v2.CenterCrop(PRE.crop_size), v2.ToDtype(torch.float32, scale=True),
-                          v2.Normalize(PRE.mean, PRE.std)])  # fmt: skip
-    image = _image()
-    assert torch.equal(eval_transform(PRE)(image), handler(image))
+SIZES = [(70, 50), (50, 70), (32, 32), (40, 40), (20, 12), (12, 20), (33, 97), (301, 7), (5, 5)]
+
+
+@pytest.mark.parametrize("capability", ["native", "DEFAULT"])  # uint8 resize, or via float
+@pytest.mark.parametrize(("resize", "crop"), [(40, 32), (32, 32), (96, 96), (24, 32), (41, 33)])
+def test_eval_transform_is_the_handlers_pipeline_to_the_bit(
+    resize: int, crop: int, capability: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler preprocesses without torchvision (a worker's memory): what it serves must be
+    what validation scored, for any image size, upscaled or cropped, on any CPU."""
+    if capability != "native":
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    pre = Preprocessing(resize_size=resize, crop_size=crop)
+    served = transform_for(asdict(pre))
+    rng = np.random.default_rng(0)
+    for width, height in SIZES:
+        for mode in ("RGB", "L"):
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            image = Image.fromarray(pixels).convert(mode)
+            expected = eval_transform(pre)(image)
+            assert torch.equal(served(image.convert("RGB")), expected), (width, height, mode)
 
 
 def test_grayscale_images_become_three_channels_like_in_serving() -> None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import platform
+from collections.abc import Callable
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2
+from torch.nn.functional import interpolate, pad
 from ts.torch_handler.base_handler import BaseHandler
 
 META_FILE = "refit.json"
@@ -78,17 +80,60 @@ class RefitImageClassifier(BaseHandler):
         return answers
 
 
-def transform_for(meta: dict) -> v2.Compose:
-    """The model's recorded preprocessing (refit.json): PIL image -> normalized tensor."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(meta["resize_size"], antialias=True),
-            v2.CenterCrop(meta["crop_size"]),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(meta["mean"], meta["std"]),
-        ]
-    )
+def transform_for(meta: dict) -> Callable[[Image.Image], torch.Tensor]:
+    """The model's recorded preprocessing (refit.json): PIL RGB image -> normalized tensor, as
+    training's evaluation transform makes it (trainer/transforms.py ``eval_transform``, with
+    torchvision): resize the short side (bilinear, antialiased), center-crop (zero-padded when
+    smaller), scale to [0, 1], normalize. Written with torch alone, since importing torchvision
+    costs each worker about 170 MB (docs/benchmarks.md, *Memory*); tests/trainer/
+    test_transforms.py holds the two equal to the bit. Functions, not a class: TorchServe wants
+    exactly one class in a handler module."""
+    resize_size, crop_size = meta["resize_size"], meta["crop_size"]
+    mean = torch.tensor(meta["mean"], dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(meta["std"], dtype=torch.float32).view(-1, 1, 1)
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        pixels = center_crop(resize(to_tensor(image), resize_size), crop_size)
+        return pixels.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+
+    return transform
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a 3xHxW uint8 tensor."""
+    width, height = image.size
+    raw = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return raw.view(height, width, 3).permute(2, 0, 1)
+
+
+def resize(pixels: torch.Tensor, short_side: int) -> torch.Tensor:
+    """The shorter side at ``short_side``, the aspect ratio kept (the longer side rounded down)."""
+    height, width = pixels.shape[-2:]
+    short, long = sorted((height, width))
+    new_long = int(short_side * long / short)
+    size = (short_side, new_long) if height <= width else (new_long, short_side)
+    if size == (height, width):
+        return pixels
+    via_float = not native_uint8_resize()  # as torchvision does on CPUs without AVX2
+    batch = pixels[None].to(torch.float32) if via_float else pixels[None]
+    out = interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return (out.round_().to(torch.uint8) if via_float else out)[0]
+
+
+def native_uint8_resize() -> bool:
+    """Whether torchvision resizes uint8 images without converting them to float here."""
+    capable = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return capable or platform.machine() in ("aarch64", "arm64")
+
+
+def center_crop(pixels: torch.Tensor, crop: int) -> torch.Tensor:
+    height, width = pixels.shape[-2:]
+    if crop > height or crop > width:  # zero padding, the odd pixel after
+        pad_w, pad_h = max(crop - width, 0), max(crop - height, 0)
+        pixels = pad(pixels, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+        height, width = pixels.shape[-2:]
+    top, left = round((height - crop) / 2.0), round((width - crop) / 2.0)
+    return pixels[..., top : top + crop, left : left + crop]
 
 
 def decode(data: bytes | bytearray | None) -> Image.Image:

@@ -3,17 +3,23 @@ tests/service/test_server.py through TorchServe)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
 from tests.conftest import encode
+from trainer.serving import handler as handler_module
 from trainer.serving.handler import RefitImageClassifier
 
+ROOT = Path(__file__).resolve().parents[3]
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
 
@@ -83,3 +89,23 @@ def test_any_failure_to_decode_one_image_fails_that_row_alone() -> None:
     assert "cannot decode" in bomb["error"] and "decompression bomb" in bomb["error"]
     assert red["predictions"][0]["label"] == "red"
     assert blue["predictions"][0]["label"] == "blue"
+
+
+def test_the_handler_does_not_import_torchvision() -> None:
+    """torchvision's import (with torch._dynamo and sympy) costs every TorchServe worker about
+    170 MB of RSS (docs/benchmarks.md, *Memory*); the handler preprocesses with torch alone."""
+    probe = "import sys, trainer.serving.handler; print('torchvision' in sys.modules)"
+    answer = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert answer.stdout.strip() == "False"
+
+
+def test_the_handler_module_defines_one_class() -> None:
+    """TorchServe refuses to start workers for a handler module with more than one class."""
+    defined = [
+        value
+        for value in vars(handler_module).values()
+        if inspect.isclass(value) and value.__module__ == handler_module.__name__
+    ]
+    assert defined == [RefitImageClassifier]
