@@ -20,25 +20,20 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
-import tempfile
 import time
 import timeit
 import zipfile
 from dataclasses import asdict
-from pathlib import Path
 
 import psutil
 import torch
-from memory import record_versions, tree_memory
+from memory import torchserve_alone, tree_memory
 from PIL import Image
 from skimage import data
 
-from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
-from refit.netutil import free_port
-from refit.registry import Registry, VersionRecord
-from refit.storage import ObjectStore, StorageSettings
+from refit.registry import VersionRecord
+from refit.storage import ObjectStore
 from refit.torchserve import TorchServeClient
-from trainer.base_model import publish_base_model
 from trainer.preprocessing import Preprocessing
 from trainer.serving.handler import transform_for
 from trainer.transforms import eval_transform
@@ -111,34 +106,16 @@ def load(client: TorchServeClient, store: ObjectStore, records: list[VersionReco
 
 
 def workers(count: int, rounds: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="refit-handler-") as tmp:
-        home = Path(tmp)
-        store = StorageSettings(data_dir=home).open()
-        publish_base_model(store, "refit")
-        registry = Registry(store, "refit")
-        shipped = [registry.get(m, v) for m, v in record_versions(home, 1, count)]
+    with torchserve_alone("refit-handler-", count) as (store, client, shipped):
         paths = {"shipped handler": shipped, "naive (imports torchvision)": naive_records(
             store, shipped)}  # fmt: skip
-        ports = TorchServePorts(*(free_port() for _ in range(5)))
-        torchserve = TorchServeProcess(
-            home / "ts", ports, allowed_urls_for((home / "objects").as_uri())
-        )
-        torchserve.start()
-        client = TorchServeClient(
-            f"127.0.0.1:{ports.grpc_inference}", f"127.0.0.1:{ports.grpc_management}"
-        )
-        try:
-            time.sleep(3)  # the gRPC ports open a moment after /ping answers
-            print(f"\nworkers: {count} versions with a worker each, per worker")
-            print(f"{'round':>5s}  {'handler':28s} {'RSS MiB':>8s} {'PSS MiB':>8s} {'start s':>8s}")
-            for round_ in range(1, rounds + 1):
-                for name, records in paths.items():
-                    got = load(client, store, records)
-                    print(f"{round_:5d}  {name:28s} {got['rss']:8.0f} {got['pss']:8.0f} "
-                          f"{got['start']:8.1f}", flush=True)  # fmt: skip
-        finally:
-            client.close()
-            torchserve.stop()
+        print(f"\nworkers: {count} versions with a worker each, per worker")
+        print(f"{'round':>5s}  {'handler':28s} {'RSS MiB':>8s} {'PSS MiB':>8s} {'start s':>8s}")
+        for round_ in range(1, rounds + 1):
+            for name, records in paths.items():
+                got = load(client, store, records)
+                print(f"{round_:5d}  {name:28s} {got['rss']:8.0f} {got['pss']:8.0f} "
+                      f"{got['start']:8.1f}", flush=True)  # fmt: skip
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ Usage: .venv/bin/python bench/memory.py [--models 20] [--versions 5] [--max-warm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -27,6 +28,7 @@ import statistics
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -37,7 +39,7 @@ from cli.client import ClientSettings, connect
 from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.netutil import free_port
 from refit.registry import Registry, VersionRecord
-from refit.storage import StorageSettings
+from refit.storage import ObjectStore, StorageSettings
 from refit.torchserve import TorchServeClient
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
@@ -121,13 +123,18 @@ def predict_each(stub, names: list[tuple[str, str]], image: bytes) -> list[tuple
     return timings
 
 
-def naive(count: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """TorchServe alone, then with ``count`` versions with a worker each (no service)."""
-    with tempfile.TemporaryDirectory(prefix="refit-naive-") as tmp:
+@contextlib.contextmanager
+def torchserve_alone(
+    prefix: str, versions: int
+) -> Iterator[tuple[ObjectStore, TorchServeClient, list[VersionRecord]]]:
+    """A TorchServe of its own (no service), and imagenet v1's archive recorded as ``versions``
+    versions of one model: (store, client, records)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         home = Path(tmp)
         store = StorageSettings(data_dir=home).open()
         publish_base_model(store, "refit")
-        names = record_versions(home, 1, count)
+        registry = Registry(store, "refit")
+        records = [registry.get(m, v) for m, v in record_versions(home, 1, versions)]
         ports = TorchServePorts(*(free_port() for _ in range(5)))
         torchserve = TorchServeProcess(
             home / "ts", ports, allowed_urls_for((home / "objects").as_uri())
@@ -138,15 +145,20 @@ def naive(count: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         )
         try:
             time.sleep(3)  # the gRPC ports open a moment after /ping answers
-            alone = tree_memory(psutil.Process())
-            registry = Registry(store, "refit")
-            for model, version in names:
-                record = registry.get(model, version)
-                client.register(model, version, store.url("refit", record.archive_key), workers=1)
-            return alone, tree_memory(psutil.Process())
+            yield store, client, records
         finally:
             client.close()
             torchserve.stop()
+
+
+def naive(count: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """TorchServe alone, then with ``count`` versions with a worker each (no service)."""
+    with torchserve_alone("refit-naive-", count) as (store, client, records):
+        alone = tree_memory(psutil.Process())
+        for record in records:
+            url = store.url("refit", record.archive_key)
+            client.register(record.model, record.version, url, workers=1)
+        return alone, tree_memory(psutil.Process())
 
 
 def main() -> None:
