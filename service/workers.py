@@ -218,13 +218,13 @@ class Workers:
     def _idle(self) -> list[Key]:
         if not self.can_stop:
             return []
-        now, wall = self.clock(), self.wall()
+        now = self.clock()
         with self._lock:
+            young = self._young(self.wall())
             victims = [
                 key
                 for key in self._holding - self._defaults - set(self._moves) - set(self._in_flight)
-                if now - self._last_used.get(key, now) >= self.policy.idle_s
-                and key not in self._young(wall)
+                if now - self._last_used.get(key, now) >= self.policy.idle_s and key not in young
             ]
             self._claim(victims)
         return victims

@@ -1,5 +1,6 @@
 """Retraining under faults, with real processes: TorchServe down when a job reaches publishing,
-the object store unreachable mid-training, and a publish whose store write is refused.
+the object store unreachable mid-training, a publish whose store write is refused, and a new
+version's worker stopped before its smoke test.
 
 Each job trains a tiny model (4 colour classes, 32 px) in an in-process trainer against the
 session's TorchServe and S3 server; the store faults go through ``tests.faults.S3FaultProxy``."""
