@@ -101,7 +101,7 @@ RUN mkdir -p /usr/share/man/man1 \
     && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=torchserve-deps /opt/role/ /opt/venv/
-COPY deploy/containers/healthcheck.py /opt/refit/
+COPY deploy/containers/healthcheck.py deploy/torchserve/keeper.py /opt/refit/
 COPY deploy/torchserve/config.properties /etc/refit/torchserve.properties
 # The model store is a cache (the object store is the source of truth): compose mounts a tmpfs.
 RUN mkdir -p /var/lib/torchserve/model-store /var/log/torchserve \
@@ -109,12 +109,18 @@ RUN mkdir -p /var/lib/torchserve/model-store /var/log/torchserve \
 ENV LOG_LOCATION=/var/log/torchserve \
     METRICS_LOCATION=/var/log/torchserve
 USER 10001:10001
+# TorchServe writes its keys (key_file.json) in its working directory: compose's tmpfs.
+WORKDIR /tmp
 # REST inference, management, metrics; gRPC inference, management. Never publish them.
 EXPOSE 8080 8081 8082 7070 7071
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=6 \
-    CMD ["python", "/opt/refit/healthcheck.py", "http", "http://127.0.0.1:8080/ping"]
+    CMD ["python", "/opt/refit/healthcheck.py", "http", "http://127.0.0.1:8080/ping", \
+         "/tmp/key_file.json"]
+# The keeper runs TorchServe with its token authorization on, replaces its keys every half
+# lifetime and publishes them to the object store for the service and the trainer.
 # --ncs: no config snapshots; the service registers every published version again after a restart.
-CMD ["torchserve", "--start", "--foreground", "--ncs", \
+CMD ["python", "/opt/refit/keeper.py", "--publish", "--", \
+     "torchserve", "--start", "--foreground", "--ncs", \
      "--ts-config", "/etc/refit/torchserve.properties", \
      "--model-store", "/var/lib/torchserve/model-store"]
 
@@ -129,12 +135,16 @@ COPY --from=trainer-deps /opt/role/ /opt/venv/
 COPY deploy/containers/healthcheck.py /opt/refit/
 COPY refit/ refit/
 COPY trainer/ trainer/
+# The CLI's store commands for operators: `docker compose exec trainer python -m cli gc`.
+COPY cli/ cli/
 COPY --from=codegen /build/refit/ refit/
 ENV REFIT_TRAINER_GRPC_ADDRESS=0.0.0.0:50052 \
+    REFIT_TRAINER_HEALTH_ADDRESS=0.0.0.0:50053 \
     REFIT_TRAINER_METRICS_ADDRESS=0.0.0.0:9102
 USER 10001:10001
-EXPOSE 50052 9102
-# start period: it imports torch and may resume an interrupted job first.
+EXPOSE 50052 50053 9102
+# start period: it imports torch and may resume an interrupted job first. Health has a port and
+# threads of its own (50053): job calls and watch streams cannot keep the probe waiting.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=6 \
-    CMD ["python", "/opt/refit/healthcheck.py", "grpc", "env:REFIT_TRAINER_GRPC_ADDRESS"]
+    CMD ["python", "/opt/refit/healthcheck.py", "grpc", "env:REFIT_TRAINER_HEALTH_ADDRESS"]
 CMD ["python", "-m", "trainer.server"]

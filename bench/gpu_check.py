@@ -292,7 +292,10 @@ def torchserve_predict(ctx: Context, step: Step) -> None:
     )
     torchserve.start()
     client = TorchServeClient(
-        f"127.0.0.1:{ports.grpc_inference}", f"127.0.0.1:{ports.grpc_management}", timeout_s=60
+        f"127.0.0.1:{ports.grpc_inference}",
+        f"127.0.0.1:{ports.grpc_management}",
+        timeout_s=60,
+        keys=torchserve.key_source(),
     )
     try:
         deadline = time.monotonic() + 60

@@ -141,7 +141,9 @@ def torchserve_alone(
         )
         torchserve.start()
         client = TorchServeClient(
-            f"127.0.0.1:{ports.grpc_inference}", f"127.0.0.1:{ports.grpc_management}"
+            f"127.0.0.1:{ports.grpc_inference}",
+            f"127.0.0.1:{ports.grpc_management}",
+            keys=torchserve.key_source(),
         )
         try:
             time.sleep(3)  # the gRPC ports open a moment after /ping answers

@@ -29,6 +29,7 @@ from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_u
 from refit.netutil import free_port, wait_serving
 from refit.registry import Registry
 from refit.storage import StorageSettings
+from refit.torchserve import Keys
 from refit.torchserve_api import inference_pb2, inference_pb2_grpc
 from refit.v1 import refit_pb2, refit_pb2_grpc
 from service.auth import Authenticator, AuthSettings
@@ -101,6 +102,7 @@ def main() -> None:
             grpc_address="127.0.0.1:0",
             torchserve_inference=f"127.0.0.1:{ports.grpc_inference}",
             torchserve_management=f"127.0.0.1:{ports.grpc_management}",
+            torchserve_keys=torchserve.keys,
             storage=storage,
             auth=AuthSettings(admin_tokens=(TOKEN,)),
         )
@@ -111,6 +113,7 @@ def main() -> None:
             raw = inference_pb2_grpc.InferenceAPIsServiceStub(
                 grpc.insecure_channel(f"127.0.0.1:{ports.grpc_inference}")
             )
+            keys = Keys.parse(torchserve.key_file.read_text())
             raw_request = inference_pb2.PredictionsRequest(
                 model_name="imagenet", model_version="1", input={"data": image, "top_k": b"5"}
             )
@@ -121,7 +124,9 @@ def main() -> None:
             stub = refit_pb2_grpc.RefitStub(channel)
             request = refit_pb2.PredictRequest(image=image, model="imagenet", version="1")
             steps = {
-                "raw TorchServe stub": lambda: raw.Predictions(raw_request, timeout=30),
+                "raw TorchServe stub": lambda: raw.Predictions(
+                    raw_request, timeout=30, metadata=keys.metadata("inference")
+                ),
                 "service's TorchServe client": lambda: service.torchserve.predict(
                     "imagenet", "1", image, 5
                 ),

@@ -38,6 +38,7 @@ from skimage import data
 from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_urls_for
 from refit.netutil import free_port, wait_serving
 from refit.storage import StorageSettings
+from refit.torchserve import Keys
 from refit.torchserve_api import inference_pb2, inference_pb2_grpc
 from refit.v1 import refit_pb2, refit_pb2_grpc
 from trainer.base_model import publish_base_model
@@ -65,7 +66,9 @@ def via_refit(address: str, token: str) -> Callable[[], Call]:
     return make
 
 
-def via_torchserve_grpc(port: int) -> Callable[[], Call]:
+def via_torchserve_grpc(port: int, key: str) -> Callable[[], Call]:
+    """TorchServe's own gRPC API, with its inference key (its token authorization is on)."""
+
     def make() -> Call:
         stub = inference_pb2_grpc.InferenceAPIsServiceStub(
             grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -74,16 +77,17 @@ def via_torchserve_grpc(port: int) -> Callable[[], Call]:
             inference_pb2.PredictionsRequest(
                 model_name="imagenet", model_version="1", input={"data": image, "top_k": b"5"}
             ),
+            metadata=[("authorization", f"Bearer {key}")],
             timeout=60,
         )
 
     return make
 
 
-def via_torchserve_rest(port: int) -> Callable[[], Call]:
+def via_torchserve_rest(port: int, key: str) -> Callable[[], Call]:
     def make() -> Call:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        headers = {"Content-Type": "application/octet-stream"}
+        headers = {"Content-Type": "application/octet-stream", "Authorization": f"Bearer {key}"}
 
         def call(image: bytes) -> None:
             connection.request("POST", "/predictions/imagenet/1", body=image, headers=headers)
@@ -202,16 +206,18 @@ def start_local(stack: contextlib.ExitStack, tmp: Path) -> dict[str, Callable[[]
         "REFIT_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
         "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ports.grpc_inference}",
         "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ports.grpc_management}",
+        "REFIT_TORCHSERVE_KEYS": torchserve.keys,
         "REFIT_ADMIN_TOKEN": token,
     }
     service = subprocess.Popen([sys.executable, "-m", "service.server"], env=env)
     stack.callback(service.wait, 15)
     stack.callback(service.terminate)
     wait_serving(address, alive=lambda: service.poll() is None)
+    key = Keys.parse(torchserve.key_file.read_text()).inference
     return {
         "refit service (gRPC)": via_refit(address, token),
-        "TorchServe gRPC (direct)": via_torchserve_grpc(ports.grpc_inference),
-        "TorchServe REST (direct)": via_torchserve_rest(ports.inference),
+        "TorchServe gRPC (direct)": via_torchserve_grpc(ports.grpc_inference, key),
+        "TorchServe REST (direct)": via_torchserve_rest(ports.inference, key),
     }
 
 

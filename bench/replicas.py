@@ -49,6 +49,7 @@ def start_service(data_dir: str, replicas: list[TorchServeProcess]) -> tuple[sub
         "REFIT_TORCHSERVE_MANAGEMENT": ",".join(
             f"127.0.0.1:{r.ports.grpc_management}" for r in replicas
         ),
+        "REFIT_TORCHSERVE_KEYS": "file:" + ",".join(str(r.key_file) for r in replicas),
         "REFIT_ADMIN_TOKEN": TOKEN,
     }
     service = subprocess.Popen([sys.executable, "-m", "service.server"], env=env)

@@ -7,10 +7,11 @@ trainer as its own process (``python -m trainer.server``), and two refit service
 both following the same jobs:
 
 - ``watched``: the production settings (watch 1 s, reconcile 30 s) and the bench's own WatchJob
-  stream open through it. WatchJob refreshes its catalog when it forwards SUCCEEDED, so it sees
-  the new default before the bench does: its notice is WatchJob's, not the job monitor's.
+  stream open through it. Its trainer subscription refreshes its catalog before it forwards
+  SUCCEEDED (service/job_events.py), so it sees the new default before the bench does.
 - ``monitor only``: no WatchJob through it, and its registry watch and reconcile passes set to
-  an hour, so only its JobMonitor (the trainer's event subscription) can refresh its catalog.
+  an hour, so only its trainer subscription can refresh its catalog (the same refresh, with no
+  watcher waiting for it).
 
 Notice is measured on both from the trainer's ``finished_at`` (SUCCEEDED; same host clock) to
 the first ListModels that shows the new default (ListModels reads the catalog and never
@@ -51,20 +52,24 @@ AN_HOUR = 3600.0
 TOKEN = secrets.token_urlsafe(32)
 
 
-def start_trainer(home: Path, ts: TorchServePorts, port: int) -> subprocess.Popen:
+def start_trainer(home: Path, torchserve: TorchServeProcess, port: int) -> subprocess.Popen:
+    ts = torchserve.ports
+    health = f"127.0.0.1:{free_port()}"
     env = {
         **os.environ,
         "REFIT_DATA_DIR": str(home),
         "REFIT_TRAINER_GRPC_ADDRESS": f"127.0.0.1:{port}",
+        "REFIT_TRAINER_HEALTH_ADDRESS": health,
         "REFIT_TRAINER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
         "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ts.grpc_inference}",
         "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ts.grpc_management}",
+        "REFIT_TORCHSERVE_KEYS": torchserve.keys,
         "REFIT_TRAINER_DEVICE": "cpu",
     }
     log = (home / "trainer.log").open("a")
     process = subprocess.Popen([sys.executable, "-m", "trainer.server"], env=env, stdout=log,
                                stderr=subprocess.STDOUT)  # fmt: skip
-    wait_serving(f"127.0.0.1:{port}", 180, lambda: process.poll() is None)
+    wait_serving(health, 180, lambda: process.poll() is None)
     return process
 
 
@@ -139,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     trainer, services = None, {}
     try:
         trainer_port = free_port()
-        trainer = start_trainer(home, ports, trainer_port)
+        trainer = start_trainer(home, torchserve, trainer_port)
         settings = ServiceSettings(
             grpc_address="127.0.0.1:0", torchserve_inference=f"127.0.0.1:{ports.grpc_inference}",
             torchserve_management=f"127.0.0.1:{ports.grpc_management}",
+            torchserve_keys=torchserve.keys,
             trainer_address=f"127.0.0.1:{trainer_port}", storage=storage,
             auth=AuthSettings(admin_tokens=(TOKEN,)),
         )  # fmt: skip
@@ -180,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_1m": os.getloadavg()[0],
         "services": {
             WATCHED: "WatchJob open through it; watch 1 s, reconcile 30 s (the defaults)",
-            MONITOR_ONLY: "no WatchJob; watch and reconcile every hour: only JobMonitor refreshes",
+            MONITOR_ONLY: "no WatchJob; watch and reconcile every hour: only the trainer "
+            "subscription refreshes",
         },
         "runs": runs,
     }

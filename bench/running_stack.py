@@ -55,6 +55,7 @@ def running_stack(*, trainer: bool = False, env: dict[str, str] | None = None) -
             "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ports.grpc_inference}",
             "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ports.grpc_management}",
             "REFIT_TORCHSERVE_MANAGEMENT_REST": f"127.0.0.1:{ports.management}",
+            "REFIT_TORCHSERVE_KEYS": torchserve.keys,
             "REFIT_TRAINER_ADDRESS": f"127.0.0.1:{free_port()}",
             **(env or {}),
         }
@@ -64,6 +65,7 @@ def running_stack(*, trainer: bool = False, env: dict[str, str] | None = None) -
             if trainer:
                 processes.append(_start(home, "trainer", common, {
                     "REFIT_TRAINER_GRPC_ADDRESS": common["REFIT_TRAINER_ADDRESS"],
+                    "REFIT_TRAINER_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
                     "REFIT_TRAINER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
                     "REFIT_TRAINER_DEVICE": "cpu",
                 }))  # fmt: skip
@@ -96,7 +98,10 @@ def _start(home: Path, name: str, common: dict, extra: dict) -> subprocess.Popen
     process = subprocess.Popen(
         [sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT
     )
-    address = env["REFIT_TRAINER_GRPC_ADDRESS"] if name == "trainer" else env["REFIT_GRPC_ADDRESS"]
+    # The trainer answers health on a port of its own.
+    address = (
+        env["REFIT_TRAINER_HEALTH_ADDRESS"] if name == "trainer" else env["REFIT_GRPC_ADDRESS"]
+    )
     try:
         wait_serving(address, 300, lambda: process.poll() is None)
     except (RuntimeError, TimeoutError) as exc:

@@ -5,8 +5,8 @@ What runs where (all on loopback; every port can be moved with the variables in 
     TorchServe     REST 8080-8082 [REFIT_TORCHSERVE_HTTP_PORTS], gRPC 7070/7071
                    [REFIT_TORCHSERVE_INFERENCE, REFIT_TORCHSERVE_MANAGEMENT]
     refit service  gRPC 50051 [REFIT_GRPC_ADDRESS], metrics 9101 [REFIT_METRICS_ADDRESS]
-    trainer        gRPC 50052 (internal) [REFIT_TRAINER_ADDRESS], metrics 9102
-                   [REFIT_TRAINER_METRICS_ADDRESS]
+    trainer        gRPC 50052 (internal) [REFIT_TRAINER_ADDRESS], health 50053
+                   [REFIT_TRAINER_HEALTH_ADDRESS], metrics 9102 [REFIT_TRAINER_METRICS_ADDRESS]
     Prometheus     9090 [REFIT_PROMETHEUS_ADDRESS], when installed
 State lives in $REFIT_DATA_DIR (default ./.refit) and survives ``make down && make up``.
 
@@ -69,6 +69,7 @@ class StackSettings:
     prometheus_address: str = "127.0.0.1:9090"
     scrape_interval: str = "15s"
     trainer_address: str = "127.0.0.1:50052"
+    trainer_health_address: str = "127.0.0.1:50053"  # grpc.health.v1, apart from the job API
     trainer_metrics_address: str = "127.0.0.1:9102"
     torchserve: TorchServePorts = field(default_factory=TorchServePorts)
 
@@ -89,6 +90,7 @@ class StackSettings:
             metrics_address=env.get("REFIT_METRICS_ADDRESS", "127.0.0.1:9101"),
             prometheus_address=env.get("REFIT_PROMETHEUS_ADDRESS", "127.0.0.1:9090"),
             trainer_address=env.get("REFIT_TRAINER_ADDRESS", "127.0.0.1:50052"),
+            trainer_health_address=env.get("REFIT_TRAINER_HEALTH_ADDRESS", "127.0.0.1:50053"),
             trainer_metrics_address=env.get("REFIT_TRAINER_METRICS_ADDRESS", "127.0.0.1:9102"),
             torchserve=TorchServePorts(
                 *(int(port) for port in http),
@@ -96,6 +98,11 @@ class StackSettings:
                 grpc_management=int(grpc_management.rpartition(":")[2]),
             ),
         )
+
+    @property
+    def torchserve_home(self) -> Path:
+        """TorchServe's configuration, model store, logs and keys."""
+        return self.data_dir / "torchserve"
 
     def storage_url(self) -> str:
         """The URL prefix of every archive TorchServe may fetch."""
@@ -120,8 +127,12 @@ class StackSettings:
             "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{self.torchserve.grpc_inference}",
             "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{self.torchserve.grpc_management}",
             "REFIT_TORCHSERVE_MANAGEMENT_REST": f"127.0.0.1:{self.torchserve.management}",
+            "REFIT_TORCHSERVE_METRICS": f"127.0.0.1:{self.torchserve.metrics}",
+            # TorchServe's keys: its key file, which its keeper keeps current (torchserve_home).
+            "REFIT_TORCHSERVE_KEYS": f"file:{self.torchserve_home / 'key_file.json'}",
             "REFIT_TRAINER_ADDRESS": self.trainer_address,
             "REFIT_TRAINER_GRPC_ADDRESS": self.trainer_address,
+            "REFIT_TRAINER_HEALTH_ADDRESS": self.trainer_health_address,
             "REFIT_TRAINER_METRICS_ADDRESS": self.trainer_metrics_address,
             "REFIT_TOKENS_FILE": str(tokens_file(self.data_dir)),  # API tokens (refit.tokens)
         }
@@ -247,7 +258,7 @@ class Stack:
         self.settings = settings
         data = settings.data_dir
         self.torchserve = TorchServeProcess(
-            data / "torchserve", settings.torchserve, allowed_urls_for(settings.storage_url())
+            settings.torchserve_home, settings.torchserve, allowed_urls_for(settings.storage_url())
         )
         self.supervisor = Supervisor(data)
         self.prometheus_binary = shutil.which("prometheus")
@@ -304,7 +315,7 @@ class Stack:
         _step("supervisor", f"{self.supervisor.socket} (restarts crashed components)")
         self._wait_torchserve(timeout_s)
         _step("TorchServe", f"127.0.0.1:{self.settings.torchserve.grpc_inference} (gRPC)")
-        self._wait(self.settings.trainer_address, timeout_s, "trainer")
+        self._wait(self.settings.trainer_health_address, timeout_s, "trainer")
         _step(
             "trainer",
             f"{self.settings.trainer_address} (metrics on "

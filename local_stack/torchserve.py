@@ -8,11 +8,16 @@ process group, and stopping signals that group: the Java server and its Python w
 TorchServe keeps its pid file, and Java its worker sockets, in the temp dir, so each instance gets
 a private one (TMPDIR and java.io.tmpdir): two instances (a test run beside ``make up``) never see
 each other.
+
+Its token authorization is on, as in production: it runs under deploy/torchserve/keeper.py, which
+replaces its keys before they expire, and its keys are in ``key_file`` (the service and the
+trainer read them: ``keys``; a TorchServeClient of this instance: ``key_source()``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -21,8 +26,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from refit.torchserve.keys import FileKeys, KeysUnavailable
+from refit.torchserve.targets import Replica
+
+# Runs TorchServe with its token authorization on and replaces its keys before they expire.
+KEEPER = Path(__file__).resolve().parents[1] / "deploy" / "torchserve" / "keeper.py"
 
 
 @dataclass(frozen=True)
@@ -39,7 +51,14 @@ def allowed_urls_for(*storage_urls: str) -> str:
     return "|".join(re.escape(url.rstrip("/")) + "/.*" for url in storage_urls)
 
 
-def render_config(ports: TorchServePorts, model_store: Path, allowed_urls: str) -> str:
+def render_config(
+    ports: TorchServePorts,
+    model_store: Path,
+    allowed_urls: str,
+    extra: Mapping[str, object] | None = None,
+) -> str:
+    """refit's configuration; ``extra`` adds or overrides properties (tests: a tiny
+    ``job_queue_size``, for instance)."""
     host = "127.0.0.1"
     lines = {
         "inference_address": f"http://{host}:{ports.inference}",
@@ -54,8 +73,8 @@ def render_config(ports: TorchServePorts, model_store: Path, allowed_urls: str) 
         "allowed_urls": allowed_urls.replace("\\", "\\\\"),
         # Register/unregister over the API: refit publishes versions at run time.
         "enable_model_api": "true",
-        # Loopback only, reached by the refit service alone; token keys would expire hourly.
-        "disable_token_authorization": "true",
+        # TorchServe's token authorization stays on (its default): every call carries this
+        # instance's key from key_file.json, which deploy/torchserve/keeper.py replaces hourly.
         "metrics_mode": "prometheus",
         # A registration's initial_workers=0 means no worker only when this is 0 (gRPC reads 0
         # as "unset"): the service registers versions that are not a default without one.
@@ -63,15 +82,22 @@ def render_config(ports: TorchServePorts, model_store: Path, allowed_urls: str) 
         "max_request_size": 16 << 20,
         "max_response_size": 16 << 20,
         "install_py_dep_per_model": "false",
-    }
+    } | dict(extra or {})
     return "".join(f"{key}={value}\n" for key, value in lines.items())
 
 
 class TorchServeProcess:
-    def __init__(self, home: Path, ports: TorchServePorts, allowed_urls: str) -> None:
+    def __init__(
+        self,
+        home: Path,
+        ports: TorchServePorts,
+        allowed_urls: str,
+        extra_config: Mapping[str, object] | None = None,
+    ) -> None:
         self.home = Path(home).resolve()
         self.ports = ports
         self.allowed_urls = allowed_urls
+        self.extra_config = dict(extra_config or {})
         self._process: subprocess.Popen | None = None
 
     @property
@@ -101,12 +127,45 @@ class TorchServeProcess:
         """Writes the configuration and the directories ``command()`` needs."""
         for folder in (self.model_store, self.home / "tmp", self.home / "logs"):
             folder.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(render_config(self.ports, self.model_store, self.allowed_urls))
+        self.config_file.write_text(
+            render_config(self.ports, self.model_store, self.allowed_urls, self.extra_config)
+        )
+
+    @property
+    def key_file(self) -> Path:
+        """TorchServe's keys (its token authorization), written in its working directory."""
+        return self.home / "key_file.json"
+
+    @property
+    def keys(self) -> str:
+        """REFIT_TORCHSERVE_KEYS for the service and the trainer (refit/torchserve/keys.py)."""
+        return f"file:{self.key_file}"
+
+    def key_source(self) -> FileKeys:
+        """The keys for a TorchServeClient of this instance's gRPC ports."""
+        return FileKeys({f"127.0.0.1:{self.ports.grpc_management}": self.key_file})
+
+    def describe(self, model: str, version: str = "") -> dict:
+        """TorchServe's own view of a version (its REST describe, with the management key); no
+        version: the model's default version. For tests and benchmarks."""
+        keys = self.key_source().read(self._replica())
+        path = f"models/{model}/{version}" if version else f"models/{model}"
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports.management}/{path}",
+            headers=dict(keys.metadata("management")),
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            (answer,) = json.load(response)
+        return answer
 
     def command(self) -> list[str]:
-        """The foreground server; run it with ``env()``, in ``home``, after ``prepare()``."""
+        """The foreground server under its key keeper; run it with ``env()``, in ``home`` (where
+        TorchServe writes its keys), after ``prepare()``."""
         torchserve = shutil.which("torchserve", path=str(Path(sys.executable).parent))
         return [
+            sys.executable,
+            str(KEEPER),
+            "--",
             torchserve or "torchserve",
             "--start",
             "--foreground",
@@ -170,12 +229,23 @@ class TorchServeProcess:
         return pid if _alive(pid) else None
 
     def is_healthy(self) -> bool:
-        url = f"http://127.0.0.1:{self.ports.inference}/ping"
+        """Its REST ping answers Healthy (the ping, too, needs the inference key)."""
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
+            headers = dict(self.key_source().read(self._replica()).metadata("inference"))
+        except KeysUnavailable:
+            return False  # not written yet: TorchServe is still starting
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports.inference}/ping", headers=headers
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=1) as response:
                 return b"Healthy" in response.read()
         except OSError:
             return False
+
+    def _replica(self) -> Replica:
+        management = f"127.0.0.1:{self.ports.grpc_management}"
+        return Replica(management, f"127.0.0.1:{self.ports.grpc_inference}", management)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -29,6 +29,12 @@ class PayloadTooLarge(RefitError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class ResourceExhausted(RefitError):
+    """Out of a shared resource right now (a queue, a budget): retry later, with backoff."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class NotFound(RefitError):
     code = grpc.StatusCode.NOT_FOUND
 

@@ -1,9 +1,10 @@
 """Publishing a trained version, and changing which version is the default.
 
 publish(): add the VersionRecord to the registry (from then on the training is never lost: the
-service's reconciler loads the version whenever TorchServe is up), get it registered with
-TorchServe (retrying with backoff while TorchServe is unreachable, for up to ``wait_s``),
-smoke-test one inference (starting its worker again if a service's worker budget stopped it
+service's reconciler loads the version whenever TorchServe is up), check its archive against the
+sha256 its key names (refit/archives.py), get it registered with TorchServe (retrying with
+backoff while TorchServe or the store is unreachable, for up to ``wait_s``), smoke-test one
+inference (starting its worker again if a service's worker budget stopped it
 meanwhile), then the promotion gate decides whether it becomes the default. The default flips
 only once the new version is served, so the old default answers every request until the switch.
 A version that TorchServe refuses, or that fails its smoke test, is removed from the
@@ -24,10 +25,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from refit.archives import ArchiveCheck
 from refit.errors import DeadlineExceeded, FailedPrecondition, NotFound, RefitError, Unavailable
 from refit.promotion import BaselineFn, GateDecision, decide
 from refit.registry import Registry, VersionRecord, check_model_name
-from refit.storage import ObjectStore
+from refit.storage import ObjectStore, StoreUnreachable
 from refit.torchserve import ModelNotLoaded, NoWorker, TorchServeClient
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ class TorchServeAway(RefitError):
     """TorchServe stayed unreachable for the whole wait; the version stays recorded."""
 
 
+# Passing troubles a publish waits out: TorchServe down, restarted, or the version's worker
+# stopped again; the store out of reach while the archive is checked.
+RETRIED = (Unavailable, StoreUnreachable, DeadlineExceeded, ModelNotLoaded, NoWorker)
 # Reports what a publish waits for, then sleeps that long; it may raise to stop waiting.
 WaitFn = Callable[[str, float], None]
 
@@ -86,6 +91,7 @@ class Publisher:
         self.torchserve = torchserve
         self.retry = retry or PublishRetry()
         self.registry = Registry(store, bucket)
+        self.archives = ArchiveCheck(store, bucket)
 
     # --- publish a new version -------------------------------------------------------------------
 
@@ -158,8 +164,8 @@ class Publisher:
                 self._register(record)
                 self._smoke_test(record)
                 return
-            except (Unavailable, DeadlineExceeded, ModelNotLoaded, NoWorker) as exc:
-                reason = exc.message  # TorchServe down, restarted, or its worker stopped again
+            except RETRIED as exc:
+                reason = exc.message
             except RefitError as exc:
                 with contextlib.suppress(RefitError):
                     self.torchserve.unregister(model, version)
@@ -182,8 +188,8 @@ class Publisher:
 
     def _register(self, record: VersionRecord) -> None:
         """On every TorchServe replica that lacks it (one that the service's reconciler loaded
-        at the same moment counts as loaded)."""
-        url = self.store.url(self.bucket, record.archive_key)
+        at the same moment counts as loaded), once its archive matches its key."""
+        url = self.archives.url(record.archive_key)
         self.torchserve.register(record.model, record.version, url, batching=record.batching)
 
     def _smoke_test(self, record: VersionRecord) -> None:

@@ -10,6 +10,7 @@ import grpc
 
 from refit.storage import StorageSettings
 from refit.torchserve import Targets
+from refit.torchserve.keys import key_source
 from service.auth import AuthSettings
 
 MiB = 1 << 20
@@ -62,6 +63,12 @@ class ServiceSettings:
     torchserve_management: str = "127.0.0.1:7071"
     # TorchServe's REST management API, for scaling versions to 0 workers ("": not scaled down)
     torchserve_management_rest: str = ""
+    # TorchServe's metrics API: its per-version inference counters, which every service
+    # replica's Predicts move, decide which versions are idle ("": this replica's own Predicts)
+    torchserve_metrics: str = ""
+    # Where each TorchServe replica's keys are (refit/torchserve/keys.py): "store", "file:PATH,..."
+    # or "" (only for a TorchServe with its token authorization off)
+    torchserve_keys: str = ""
     bucket: str = "refit"
     max_image_bytes: int = 8 * MiB
     max_image_pixels: int = 40_000_000  # more decoded pixels than this: a decompression bomb
@@ -89,11 +96,13 @@ class ServiceSettings:
     tls: TlsSettings = field(default_factory=TlsSettings)
 
     def __post_init__(self) -> None:
-        Targets.parse(  # ValueError: bad targets
+        targets = Targets.parse(  # ValueError: bad targets
             self.torchserve_inference,
             self.torchserve_management,
             self.torchserve_management_rest,
+            self.torchserve_metrics,
         )
+        key_source(self.torchserve_keys, targets, lambda key: b"")  # ValueError: bad keys
         if self.idle_worker_s <= 0 or self.scale_up_timeout_s <= 0 or self.max_warm_workers < 0:
             raise ValueError(
                 "REFIT_IDLE_WORKER_S and REFIT_SCALE_UP_TIMEOUT_S must be > 0 and "
@@ -125,6 +134,8 @@ class ServiceSettings:
             torchserve_management_rest=env.get(
                 "REFIT_TORCHSERVE_MANAGEMENT_REST", defaults.torchserve_management_rest
             ),
+            torchserve_metrics=env.get("REFIT_TORCHSERVE_METRICS", defaults.torchserve_metrics),
+            torchserve_keys=env.get("REFIT_TORCHSERVE_KEYS", defaults.torchserve_keys),
             idle_worker_s=float(env.get("REFIT_IDLE_WORKER_S", defaults.idle_worker_s)),
             candidate_warm_s=float(env.get("REFIT_CANDIDATE_WARM_S", defaults.candidate_warm_s)),
             max_warm_workers=int(env.get("REFIT_MAX_WARM_WORKERS", defaults.max_warm_workers)),

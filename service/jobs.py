@@ -1,14 +1,16 @@
 """Retraining as the service sees it: forward job requests to the trainer, change defaults and
 delete versions through refit.publish, and keep the model catalog in step with both.
 
-The service never trains. The catalog is refreshed after each default change it makes, when a
-watched job succeeds, and by ``JobMonitor`` whenever any job succeeds (the trainer promotes).
+The service never trains. WatchJob callers share the replica's one trainer subscription
+(service/job_events.py). The catalog is refreshed after each default change made here, and by
+that subscription once whenever a job succeeds (the trainer may have promoted its version).
+GetJob and WatchJob answer from the job record: a SUCCEEDED job's version re-reads the registry
+only when the catalog does not know it, through the catalog's throttled miss path.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator
 
 from refit.errors import InvalidArgument, RefitError
@@ -17,16 +19,20 @@ from refit.publish import Publisher
 from refit.storage import S3Uri
 from refit.v1 import refit_pb2 as pb
 from service.catalog import ModelCatalog, ModelEntry
+from service.job_events import JobHub
 from service.trainer_client import TrainerClient
 
 log = logging.getLogger(__name__)
 
 
 class Jobs:
-    def __init__(self, trainer: TrainerClient, catalog: ModelCatalog, publisher: Publisher) -> None:
+    def __init__(
+        self, trainer: TrainerClient, catalog: ModelCatalog, publisher: Publisher, hub: JobHub
+    ) -> None:
         self.trainer = trainer
         self.catalog = catalog
         self.publisher = publisher
+        self.hub = hub
 
     def retrain(self, request: pb.RetrainRequest) -> pb.Job:
         """Identifiers are checked here; the trainer checks the rest (backbone, dataset bucket,
@@ -53,11 +59,13 @@ class Jobs:
     def cancel(self, job_id: str) -> pb.Job:
         return self.trainer.cancel_job(check_job_id(job_id))
 
-    def watch(self, job_id: str, on_close: Callable[[Callable], object]) -> Iterator[pb.JobEvent]:
-        """The trainer's event stream; ``on_close`` registers the cancel of the upstream call."""
-        call = self.trainer.watch_job(check_job_id(job_id))
-        on_close(call.cancel)
-        for event in self.trainer.events(call):
+    def watch(self, job_id: str, on_close: Callable[[Callable], bool]) -> Iterator[pb.JobEvent]:
+        """The job's snapshot and events from the replica's trainer subscription; ``on_close``
+        registers the end of the watch for when the caller goes away (False: gone already)."""
+        watcher = self.hub.watch(check_job_id(job_id))
+        if not on_close(watcher.close):
+            watcher.close()
+        for event in watcher:
             self._seen(event.job)
             yield event
 
@@ -72,33 +80,11 @@ class Jobs:
         return self.catalog.get(model)
 
     def _seen(self, job: pb.Job) -> pb.Job:
-        if job.state == pb.SUCCEEDED:
-            self.catalog.refresh()  # the trainer may have published a new default
-        return job
-
-
-class JobMonitor:
-    """Follows every job's state changes from the trainer; refreshes the catalog on success."""
-
-    def __init__(self, trainer: TrainerClient, catalog: ModelCatalog) -> None:
-        self.trainer = trainer
-        self.catalog = catalog
-        self._call = None
-
-    def run_forever(self, stop: threading.Event, retry_s: float = 2.0) -> None:
-        while not stop.is_set():
+        """A caller told SUCCEEDED may ask for the new version next: the catalog should know it.
+        A version it knows costs nothing; one it does not takes the throttled miss path."""
+        if job.state == pb.SUCCEEDED and job.version:
             try:
-                self._call = self.trainer.subscribe()
-                for event in self.trainer.events(self._call):
-                    if event.job.state == pb.SUCCEEDED:
-                        self.catalog.refresh()
-            except RefitError as exc:
-                if not stop.is_set():
-                    log.debug("trainer subscription ended (%s); retrying", exc.message)
-            except Exception:
-                log.exception("job monitor failed; retrying")
-            stop.wait(retry_s)
-
-    def stop(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
+                self.catalog.resolve(job.model, job.version)
+            except RefitError as exc:  # deleted since, or the store is down: the record answers
+                log.debug("job %s: v%s not in the catalog (%s)", job.id, job.version, exc.message)
+        return job

@@ -66,7 +66,7 @@ REPLICA_UP = Gauge(
 )
 REPLICA_IN_ROTATION = Gauge(
     "refit_torchserve_replica_in_rotation",
-    "1 while a TorchServe replica serves every default and gets Predicts",
+    "1 while a TorchServe replica serves every servable default and gets Predicts",
     ["replica"],
 )
 WARM_VERSIONS = Gauge(
@@ -96,9 +96,36 @@ for _outcome in ("ok", "timeout", "failed"):
 for _reason in ("idle", "budget"):
     for _outcome in ("ok", "failed"):
         WORKER_SCALE_DOWNS.labels(_reason, _outcome)
+WORKER_USAGE_READS = Counter(
+    "refit_worker_usage_reads_total",
+    "Reads of every TorchServe replica's inference counters by the idle pass, by outcome (ok; "
+    "failed: no version was stopped as idle that round)",
+    ["outcome"],
+)
+PREDICT_REFUSALS = Counter(
+    "refit_predict_refusals_total",
+    "Predicts refused with RESOURCE_EXHAUSTED before a worker ran them, by reason (queue_full: "
+    "TorchServe's job queue for the version was full; worker_budget: starting its worker would "
+    "have stopped a default or a young candidate)",
+    ["reason"],
+)
+for _outcome in ("ok", "failed"):
+    WORKER_USAGE_READS.labels(_outcome)
+for _reason in ("queue_full", "worker_budget"):
+    PREDICT_REFUSALS.labels(_reason)
 MODEL_PROBLEM = Gauge(
     "refit_model_problem",
     "1 while a model cannot be served as published (GetModel says why)",
+    ["model"],
+)
+OBJECT_STORE_UP = Gauge(
+    "refit_object_store_up",
+    "1 while the object store answers the service's registry reads; 0: serving the registry as "
+    "last read (no new versions, promotions or retraining)",
+)
+SET_DEFAULT_FAILURES = Counter(
+    "refit_set_default_failures_total",
+    "TorchServe SetDefault calls that failed, by model (retried; Predicts name their version)",
     ["model"],
 )
 

@@ -12,11 +12,11 @@ from typing import TypeVar
 
 from refit.errors import InvalidArgument
 from refit.identifiers import check_model_name, check_version
-from refit.torchserve import NoWorker, TorchServeClient
+from refit.torchserve import NoWorker, QueueFull, TorchServeClient
 from service.catalog import ModelCatalog
 from service.config import ServiceSettings
 from service.images import inspect_image
-from service.metrics import PREDICTIONS
+from service.metrics import PREDICT_REFUSALS, PREDICTIONS
 from service.workers import Workers
 
 DEFAULT_TOP_K = 5
@@ -69,7 +69,7 @@ class Predictor:
             max_bytes=self.settings.max_image_bytes,
             max_pixels=self.settings.max_image_pixels,
         )
-        record = self.catalog.resolve(model, version)
+        record = self.catalog.resolve(model, version, wait_s=timeout_s)
         k = min(top_k or DEFAULT_TOP_K, len(record.class_names))
         answer = self._ask(model, record.version, image, k, timeout_s)
         if "error" in answer:
@@ -82,19 +82,25 @@ class Predictor:
 
     def _ask(self, model: str, version: str, image: bytes, k: int, timeout_s: float | None) -> dict:
         """TorchServe's answer, after starting a worker for the version if it has none (once
-        more if TorchServe says it has none: another service scaled it down, or a restart)."""
+        more if TorchServe says it has none: another service scaled it down, or a restart).
+        A full TorchServe queue is no missing worker: the caller backs off (QueueFull,
+        RESOURCE_EXHAUSTED) and nothing is started."""
         start = time.monotonic()
 
         def left() -> float | None:
             return None if timeout_s is None else timeout_s - (time.monotonic() - start)
 
-        with self.workers.serving(model, version, left()):
-            try:
-                return self.torchserve.predict(model, version, image, k, left())
-            except NoWorker:
-                self.workers.lost(model, version)
-                self.workers.ensure(model, version, left())
-                return self.torchserve.predict(model, version, image, k, left())
+        try:
+            with self.workers.serving(model, version, left()):
+                try:
+                    return self.torchserve.predict(model, version, image, k, left())
+                except NoWorker:
+                    self.workers.lost(model, version)
+                    self.workers.ensure(model, version, left())
+                    return self.torchserve.predict(model, version, image, k, left())
+        except QueueFull:
+            PREDICT_REFUSALS.labels("queue_full").inc()
+            raise
 
 
 def ordered_map(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -13,21 +14,27 @@ from prometheus_client import start_http_server
 
 from refit import logs
 from refit.errors import ErrorInterceptor
+from refit.limits import StreamLimitInterceptor
 from refit.netutil import add_health_and_reflection, bind, wait_for_signal
 from refit.publish import Publisher
 from refit.registry import Registry
-from refit.torchserve import TorchServeClient
+from refit.storage import StoreUnreachable
+from refit.torchserve import Targets, TorchServeClient
+from refit.torchserve.keys import key_source
 from refit.v1 import refit_pb2, refit_pb2_grpc
 from service.access_log import AccessLogInterceptor
 from service.auth import Authenticator, AuthInterceptor
-from service.catalog import ModelCatalog, Reconciler, RetryPolicy
+from service.catalog import ModelCatalog
 from service.config import ServiceSettings
-from service.jobs import JobMonitor, Jobs
-from service.limits import StreamLimitInterceptor
+from service.job_events import JobHub
+from service.jobs import Jobs
 from service.metrics import MetricsInterceptor, observe_upstream
 from service.predictions import Predictor
+from service.reconciler import Reconciler
+from service.replica_sync import RetryPolicy
 from service.servicer import RefitServicer
 from service.trainer_client import TrainerClient
+from service.watch import Watch
 from service.workers import WorkerPolicy, Workers
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,7 @@ class RefitServer:
     torchserve: TorchServeClient
     stop_event: threading.Event
     trainer: TrainerClient
-    monitor: JobMonitor
+    hub: JobHub  # the one trainer subscription, shared by WatchJob callers
     workers: Workers
 
     def start(self, reconcile_interval_s: float, watch_interval_s: float = 1.0) -> None:
@@ -57,14 +64,12 @@ class RefitServer:
             name="reconciler",
         ).start()
         threading.Thread(
-            target=self.reconciler.watch_forever,
+            target=Watch(self.reconciler).run_forever,
             args=(watch_interval_s, self.stop_event),
             daemon=True,
             name="watch",
         ).start()
-        threading.Thread(
-            target=self.monitor.run_forever, args=(self.stop_event,), daemon=True, name="jobs"
-        ).start()
+        threading.Thread(target=self.hub.run_forever, daemon=True, name="jobs").start()
         threading.Thread(
             target=self.workers.run_forever, args=(self.stop_event,), daemon=True, name="workers"
         ).start()
@@ -73,14 +78,15 @@ class RefitServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.stop_event.set()
         self.reconciler.wake()
-        self.monitor.stop()
+        self.hub.close()
         self.server.stop(grace_s).wait()
         self.workers.close()
         self.torchserve.close()
         self.trainer.close()
 
     def _watch_health(self) -> None:
-        """SERVING while a TorchServe replica serves every model's default (service/catalog.py)."""
+        """SERVING while this replica can answer for the defaults it has cached: the rule is
+        in service/rotation.py."""
         while not self.stop_event.is_set():
             ready = self.reconciler.healthy.is_set()
             status = health_pb2.HealthCheckResponse
@@ -94,7 +100,10 @@ class RefitServer:
 
 def build_server(settings: ServiceSettings) -> RefitServer:
     store = settings.storage.open()
-    store.ensure_bucket(settings.bucket)
+    try:
+        store.ensure_bucket(settings.bucket)
+    except StoreUnreachable as exc:  # start anyway: not ready until the registry can be read
+        log.warning("cannot check bucket %s: %s", settings.bucket, exc.message)
     catalog = ModelCatalog(Registry(store, settings.bucket))
     reconcilers: list[Reconciler] = []
 
@@ -110,6 +119,12 @@ def build_server(settings: ServiceSettings) -> RefitServer:
         register_timeout_s=settings.register_timeout_s,
         observe=observe,
         management_rest=settings.torchserve_management_rest,
+        metrics=settings.torchserve_metrics,
+        keys=key_source(
+            settings.torchserve_keys,
+            Targets.parse(settings.torchserve_inference, settings.torchserve_management),
+            functools.partial(store.get, settings.bucket),
+        ),
     )
     policy = WorkerPolicy(
         settings.idle_worker_s,
@@ -131,7 +146,8 @@ def build_server(settings: ServiceSettings) -> RefitServer:
         maximum_concurrent_rpcs=settings.workers,  # one more: RESOURCE_EXHAUSTED, not a queue
     )
     trainer = TrainerClient(settings.trainer_address, timeout_s=settings.trainer_timeout_s)
-    jobs = Jobs(trainer, catalog, Publisher(store, settings.bucket, torchserve))
+    hub = JobHub(trainer, on_success=catalog.refresh)  # the trainer may have promoted
+    jobs = Jobs(trainer, catalog, Publisher(store, settings.bucket, torchserve), hub)
     refit_pb2_grpc.add_RefitServicer_to_server(
         RefitServicer(predictor, catalog, settings.stream_window, jobs, reconciler), server
     )
@@ -146,7 +162,7 @@ def build_server(settings: ServiceSettings) -> RefitServer:
         torchserve,
         threading.Event(),
         trainer,
-        JobMonitor(trainer, catalog),
+        hub,
         workers,
     )
 
@@ -162,7 +178,7 @@ def _interceptors(settings: ServiceSettings) -> list[grpc.ServerInterceptor]:
         AccessLogInterceptor(),
         MetricsInterceptor(),
         *auth,
-        StreamLimitInterceptor(settings.max_streams),
+        StreamLimitInterceptor(settings.max_streams, "REFIT_MAX_STREAMS"),
         ErrorInterceptor(),
     ]
 

@@ -13,10 +13,12 @@ from refit.errors import to_status
 from refit.registry import VersionRecord
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
-from service.catalog import FAILED, REGISTERED, ModelCatalog, ModelEntry, Reconciler
+from service.catalog import ModelCatalog, ModelEntry
 from service.jobs import Jobs
 from service.metrics import observe_payload
 from service.predictions import Predictor, PredictResult, ordered_map
+from service.reconciler import Reconciler
+from service.rotation import FAILED, REGISTERED
 
 
 class RefitServicer(refit_pb2_grpc.RefitServicer):
@@ -63,7 +65,8 @@ class RefitServicer(refit_pb2_grpc.RefitServicer):
         )
 
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.Model:
-        return _model(self.catalog.get(request.name), self.reconciler)
+        entry = self.catalog.get(request.name, wait_s=context.time_remaining())
+        return _model(entry, self.reconciler)
 
     # --- retraining: forwarded to the trainer; defaults and deletion via refit.publish ---
 

@@ -50,15 +50,13 @@ class TrainerClient:
         with self._translate():
             return self._stub.CancelJob(pb.CancelJobRequest(id=job_id), timeout=self.timeout_s)
 
-    def watch_job(self, job_id: str) -> grpc.Call:
-        """The event stream (iterate it; ``cancel()`` it when the watcher goes away)."""
-        return self._stub.WatchJob(pb.WatchJobRequest(id=job_id))
-
     def subscribe(self) -> grpc.Call:
+        """Every active job, then every job's events (iterate it with ``messages``; ``cancel()``
+        it to end it). No deadline: the service holds it open for as long as it runs."""
         return self._stub.Subscribe(trainer_pb2.SubscribeRequest())
 
-    def events(self, call: grpc.Call) -> Iterator[pb.JobEvent]:
-        """Iterates a stream from watch_job/subscribe, translating its errors."""
+    def messages(self, call: grpc.Call) -> Iterator[trainer_pb2.SubscribeResponse]:
+        """Iterates a stream from ``subscribe``, translating its errors."""
         with self._translate():
             yield from call
 
@@ -73,5 +71,5 @@ class TrainerClient:
                     f"the trainer at {self.target} is unreachable ({details}); retry shortly"
                 ) from exc
             if code == grpc.StatusCode.CANCELLED:
-                raise TrainerError("the watch was cancelled", code) from exc
+                raise TrainerError("the subscription was cancelled", code) from exc
             raise TrainerError(details or f"trainer answered {code.name}", code) from exc

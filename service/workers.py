@@ -10,12 +10,37 @@ README *Workers*), so a worker per published version makes memory grow with ever
   on every replica) and then goes on; concurrent first calls share that one start, and each waits
   at most ``scale_up_timeout_s`` (or its own deadline) before failing UNAVAILABLE;
 - a version that is not a default and got no Predict for ``idle_s`` goes back to 0 workers;
-- at most ``max_warm`` versions hold a worker (0: no bound): one more stops the least recently
-  used first: versions that are not a default before young candidates (published within
-  ``candidate_warm_s``), those before defaults. A publish whose new version loses its worker
-  this way starts it again for its smoke test (refit.publish).
+  a Predict in flight through this service always keeps its version's worker;
+- at most ``max_warm`` versions hold a worker (0: no bound): starting one more first stops the
+  least recently used. Starting a default (a promotion, ``warm_defaults``, a Predict for a
+  default the budget stopped) stops versions that are not a default first, then young
+  candidates (published within ``candidate_warm_s``), then defaults. Starting any other version
+  stops only versions that are neither a default nor a young candidate: a predict caller naming
+  old versions can neither evict the defaults nor a candidate in its promotion gate. When that
+  cannot make room the Predict fails RESOURCE_EXHAUSTED and nothing is stopped. A publish
+  whose new version loses its worker to a default starts it again for its smoke test
+  (refit.publish).
 
-The state here is this service's view, rebuilt from TorchServe on every reconcile pass
+Use, for idleness and for the least recently used, is read from TorchServe's own per-version
+inference counters (``ts_inference_requests_total``, REFIT_TORCHSERVE_METRICS), which every
+service replica's Predicts (and the publisher's smoke tests) move: each replica judging from its
+own Predicts stopped, every idle period, versions another replica was serving (issue 23).
+TorchServe counts every request it receives before queueing it, so the counters are one truth
+every replica reads the same way, cost one GET per TorchServe replica per housekeeping pass, and
+need no write; recording use in the registry instead would put an object-store write on every
+Predict (or every pass, per version, per service replica) and still lag by that interval. Each
+pass (``stop_idle``) reads every TorchServe replica's counters; a version whose count moved on
+any replica since the previous read was used then. A count that went down is a restarted
+replica, whose count since its start is new use; a replica read for the first time counts what
+it shows as use. A start is a use too, whoever made it: a Predict waiting for a worker reaches
+the counters only once it is up, so before stopping a version as idle the pass asks every
+replica for its workers (TorchServe's describe): one still starting, or started within
+``idle_s``, keeps it. If any replica's counters, or its workers, cannot be read, nothing is
+stopped as idle on that account that round: the unread replica may be the one serving it
+(logged, and counted in ``refit_worker_usage_reads_total``). Without REFIT_TORCHSERVE_METRICS
+each replica judges from its own Predicts, as before, with a warning at start.
+
+The rest of the state is this service's view, rebuilt from TorchServe on every reconcile pass
 (``observe``); a version it has not seen yet is assumed to have a worker, and a Predict that
 finds none (``lost``) starts one and is retried once.
 """
@@ -32,12 +57,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from refit.errors import DeadlineExceeded, RefitError, Unavailable
+from refit.errors import DeadlineExceeded, RefitError, ResourceExhausted, Unavailable
 from refit.torchserve import TorchServeClient
 from service import metrics
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (model, version)
+Counts = dict[str, dict[Key, float]]  # TorchServe replica -> inference requests per version
 
 
 @dataclass(frozen=True)
@@ -54,6 +80,7 @@ class _Move:
 
     up: bool
     done: Future = field(default_factory=Future)
+    admitted: bool = False  # a start the budget has made room for (it counts as warm)
 
 
 @dataclass(frozen=True)
@@ -79,6 +106,7 @@ class Workers:
         self.policy = policy or WorkerPolicy()
         self.clock, self.wall = clock, wall
         self.can_stop = bool(torchserve.targets.rest)  # scaling to 0 needs the REST API
+        self.shares_use = bool(torchserve.targets.metrics)  # TorchServe's counters tell use
         self._lock = threading.Lock()
         self._registered: set[Key] = set()
         self._holding: set[Key] = set()
@@ -88,11 +116,19 @@ class Workers:
         self._last_used: dict[Key, float] = {}
         self._moves: dict[Key, _Move] = {}
         self._in_flight: Counter[Key] = Counter()
+        self._counts: Counts = {}  # the housekeeping thread's last read of the counters
+        self._counts_readable = True
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="scale")
         if not self.can_stop:
             log.warning(
                 "REFIT_TORCHSERVE_MANAGEMENT_REST is not set: versions started on demand keep "
                 "their workers (TorchServe's gRPC API cannot scale to 0)"
+            )
+        elif not self.shares_use:
+            log.warning(
+                "REFIT_TORCHSERVE_METRICS is not set: idleness is judged from this replica's "
+                "own Predicts, so a version used only through another service replica may be "
+                "stopped here"
             )
 
     # --- the Predict path ------------------------------------------------------------------------
@@ -166,6 +202,11 @@ class Workers:
         try:
             self._make_room(key)
             self.torchserve.scale(*key, 1, timeout_s=self.policy.scale_up_timeout_s)
+        except ResourceExhausted as exc:  # the budget's refusal (_over_budget): not a failure
+            metrics.PREDICT_REFUSALS.labels("worker_budget").inc()
+            log.info("%s", exc.message)
+            self._finish(key, move, error=exc)
+            return
         except BaseException as exc:
             outcome = "timeout" if isinstance(exc, DeadlineExceeded) else "failed"
             metrics.WORKER_SCALE_UPS.labels(outcome).inc()
@@ -199,35 +240,94 @@ class Workers:
             self._stop(victim, "budget")
 
     def _over_budget(self, extra: Key | None = None) -> list[Key]:
+        """The versions to stop (claimed) so that at most ``max_warm`` hold a worker with
+        ``extra`` started, in the module docstring's order. For an ``extra`` that is not a
+        default, only versions that are neither defaults nor young candidates may go: when those
+        are too few, ResourceExhausted, and nothing is claimed."""
         if not self.policy.max_warm or not self.can_stop:
             return []
         with self._lock:
-            starting = {k for k, move in self._moves.items() if move.up}
-            stopping = set(self._moves) - starting
+            # Starts not admitted yet wait for this decision (one at a time, under the lock):
+            # counting them would make two concurrent starts each refuse for the other.
+            starting = {k for k, move in self._moves.items() if move.up and move.admitted}
+            stopping = {k for k, move in self._moves.items() if not move.up}
             warm = (self._holding - stopping) | starting | ({extra} if extra else set())
             excess = len(warm) - self.policy.max_warm
-            young = self._young(self.wall())
-            candidates = sorted(
-                self._holding - starting - {extra} - set(self._moves) - set(self._in_flight),
-                key=lambda k: (k in self._defaults, k in young, self._last_used.get(k, 0.0)),
-            )
-            victims = candidates[: max(excess, 0)]
+            victims: list[Key] = []
+            if excess > 0:
+                young = self._young(self.wall())
+                candidates = sorted(
+                    self._holding - {extra} - set(self._moves) - set(self._in_flight),
+                    key=lambda k: (k in self._defaults, k in young, self._last_used.get(k, 0.0)),
+                )
+                if extra is not None and extra not in self._defaults:
+                    candidates = [k for k in candidates if k not in self._defaults | young]
+                    if len(candidates) < excess:
+                        raise self._budget_full(extra)
+                victims = candidates[:excess]
+                self._claim(victims)
+            if extra in self._moves:
+                self._moves[extra].admitted = True
+        return victims
+
+    def _budget_full(self, key: Key) -> ResourceExhausted:
+        model, version = key
+        return ResourceExhausted(
+            f"{model} v{version} is not started: all {self.policy.max_warm} warm workers "
+            "(REFIT_MAX_WARM_WORKERS) serve defaults, candidates published within "
+            "REFIT_CANDIDATE_WARM_S, or Predicts in progress, and none of those is stopped for "
+            "a version that is not a default; retry later, or raise REFIT_MAX_WARM_WORKERS"
+        )
+
+    def _idle(self) -> list[Key]:
+        """Versions to stop as idle (claimed). With the shared counters, each is first checked
+        for a worker start on some replica (``_unused_by_a_start``)."""
+        if not self.can_stop:
+            return []
+        with self._lock:
+            idle = self._idle_now()
+        if self.shares_use and idle:
+            idle = [key for key in idle if self._unused_by_a_start(key)]
+        with self._lock:
+            victims = [key for key in self._idle_now() if key in idle]
             self._claim(victims)
         return victims
 
-    def _idle(self) -> list[Key]:
-        if not self.can_stop:
-            return []
+    def _idle_now(self) -> list[Key]:
+        """Under the lock: versions that are not defaults, young candidates, moving or in a
+        Predict, with no use for ``idle_s``."""
         now = self.clock()
+        young = self._young(self.wall())
+        return [
+            key
+            for key in self._holding - self._defaults - set(self._moves) - set(self._in_flight)
+            if now - self._last_used.get(key, now) >= self.policy.idle_s and key not in young
+        ]
+
+    def _unused_by_a_start(self, key: Key) -> bool:
+        """A start is a use: the caller that asked for it (through any service replica, or the
+        publisher) moves the counters only once the worker is up, and may wait longer than
+        ``idle_s``. So a worker still starting (within ``scale_up_timeout_s``) is used now, and
+        one started within ``idle_s`` was used then. True when neither holds on any replica;
+        False too when some replica cannot describe it (never stopped on part of the truth)."""
+        try:
+            served = self.torchserve.describe(*key)
+        except RefitError as exc:
+            log.info("not stopping %s v%s as idle this round: %s", *key, exc.message)
+            return False
+        now, wall = self.clock(), self.wall()
+        used = None
+        for version in filter(None, served):
+            age = max(wall - version.started_at, 0.0)
+            if version.starting and age < self.policy.scale_up_timeout_s:
+                used = now
+            elif age < self.policy.idle_s:
+                used = max(used or 0.0, now - age)
+        if used is None:
+            return True
         with self._lock:
-            young = self._young(self.wall())
-            victims = [
-                key
-                for key in self._holding - self._defaults - set(self._moves) - set(self._in_flight)
-                if now - self._last_used.get(key, now) >= self.policy.idle_s and key not in young
-            ]
-            self._claim(victims)
-        return victims
+            self._last_used[key] = max(self._last_used.get(key, 0.0), used)
+        return False
 
     def _young(self, wall: float) -> set[Key]:
         """Versions published within ``candidate_warm_s`` (being smoke-tested, gated, tried)."""
@@ -259,12 +359,42 @@ class Workers:
         self._finish(key, move)
 
     def stop_idle(self) -> int:
-        """One round of housekeeping: idle versions, then the budget. Returns the stops made."""
-        victims = [(key, "idle") for key in self._idle()]
+        """One round of housekeeping: idle versions (none when TorchServe's counters cannot be
+        read), then the budget. Returns the stops made."""
+        judged = self._read_use() if self.shares_use else True
+        victims = [(key, "idle") for key in self._idle()] if judged else []
         victims += [(key, "budget") for key in self._over_budget()]
         for key, reason in victims:
             self._stop(key, reason)
         return len(victims)
+
+    def _read_use(self) -> bool:
+        """Marks as used now every version whose TorchServe counters moved since the last read;
+        False when any replica's could not be read (then none may be judged idle)."""
+        try:
+            counts = self.torchserve.inference_counts()
+        except RefitError as exc:
+            metrics.WORKER_USAGE_READS.labels("failed").inc()
+            if self._counts_readable:  # once per outage, not every pass
+                log.warning(
+                    "TorchServe's inference counters cannot be read (%s): no version is stopped "
+                    "as idle until they can",
+                    exc.message,
+                )
+            self._counts_readable = False
+            return False
+        metrics.WORKER_USAGE_READS.labels("ok").inc()
+        if not self._counts_readable:
+            log.info("TorchServe's inference counters can be read again")
+        self._counts_readable = True
+        now = self.clock()
+        with self._lock:
+            for model, version in moved(self._counts, counts):
+                if version == "default":  # TorchServe's label for a request naming no version
+                    version = next((v for m, v in self._defaults if m == model), version)
+                self._last_used[(model, version)] = now
+        self._counts = counts
+        return True
 
     def run_forever(self, stop: threading.Event) -> None:
         interval = max(min(self.policy.idle_s / 4, 5.0), 0.1)
@@ -322,3 +452,17 @@ class Workers:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def moved(before: Counts, after: Counts) -> set[Key]:
+    """Versions whose inference count went up on some replica between two reads. A count that
+    went down is a restarted replica: what it shows now is new use; so is what a replica not
+    read before shows."""
+    used = set()
+    for replica, counts in after.items():
+        seen = before.get(replica, {})
+        for key, count in counts.items():
+            last = seen.get(key, 0.0)
+            if count > last or 0 < count < last:
+                used.add(key)
+    return used

@@ -1,9 +1,14 @@
 """Fault injection for tests with real processes: an S3 proxy that can go away or refuse writes.
 
-``S3FaultProxy`` forwards HTTP to a real S3 server (moto). ``cut()`` closes its port, so clients
+``S3FaultProxy`` forwards HTTP to the S3 stand-in. ``cut()`` closes its port, so clients
 get "connection refused" as from a crashed or unreachable store; ``restore()`` opens it again on
-the same port. ``refuse_puts(prefix)`` answers 403 AccessDenied to PUTs of keys under a prefix,
-as MinIO does under a read-only policy."""
+the same port. ``hang()`` keeps accepting connections and reading requests but answers none, as
+a store that hangs does, until ``restore()``. ``refuse_puts(prefix)`` answers 403 AccessDenied to
+PUTs of keys under a prefix, as MinIO does under a read-only policy.
+
+Requests go upstream with their headers as sent, Host included: the stand-in checks the signature
+a client made for the proxy's address. ``behind(identity)`` is an identity's settings through
+the proxy."""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import http.client
 import http.server
 import socket
 import threading
+import time
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 from refit.netutil import free_port
@@ -29,17 +36,20 @@ class S3FaultProxy:
         self.upstream = upstream
         self.port = free_port()
         self.refused_prefix: str | None = None
+        self.slow_reads_of: tuple[str, float] | None = None
         self._server: http.server.ThreadingHTTPServer | None = None
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._answering = threading.Event()  # cleared by hang()
+        self._answering.set()
 
     @property
     def settings(self) -> StorageSettings:
-        return StorageSettings(
-            endpoint=f"http://127.0.0.1:{self.port}",
-            access_key=self.upstream.access_key,
-            secret_key=self.upstream.secret_key,
-        )
+        """The upstream's own identity, through the proxy."""
+        return self.behind(self.upstream)
+
+    def behind(self, identity: StorageSettings) -> StorageSettings:
+        return replace(identity, endpoint=f"http://127.0.0.1:{self.port}")
 
     def start(self) -> None:
         if self._server is not None:
@@ -59,6 +69,12 @@ class S3FaultProxy:
                     proxy._connections.discard(self.connection)
                 super().finish()
 
+            def held(self) -> bool:
+                if proxy._answering.is_set():
+                    return False
+                proxy._answering.wait()
+                return True
+
             def refused(self) -> bool:
                 prefix = proxy.refused_prefix
                 return (
@@ -66,6 +82,12 @@ class S3FaultProxy:
                     and prefix is not None
                     and (urlsplit(self.path).path.startswith(prefix))
                 )
+
+            def delay(self) -> float:
+                slow = proxy.slow_reads_of
+                if self.command == "GET" and slow and urlsplit(self.path).path.startswith(slow[0]):
+                    return slow[1]
+                return 0.0
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
@@ -83,12 +105,26 @@ class S3FaultProxy:
                     connection.shutdown(socket.SHUT_RDWR)
             self._connections.clear()
 
-    restore = start
+    def hang(self) -> None:
+        """Accepts connections and reads requests, answers none until ``restore()``."""
+        self._answering.clear()
+
+    def restore(self) -> None:
+        """Answers again: the port reopens after ``cut()``; requests held by ``hang()`` are
+        dropped unanswered (their clients have given up on them by then)."""
+        self._answering.set()
+        self.start()
+
     stop = cut
 
     def refuse_puts(self, prefix: str | None) -> None:
         """``/<bucket>/<key prefix>``; None: accept every write again."""
         self.refused_prefix = prefix
+
+    def slow_reads(self, prefix: str, seconds: float) -> None:
+        """Each GET under ``/<bucket>/<key prefix>`` waits ``seconds`` before it is forwarded:
+        reads that span a while, so a fault can be timed to meet one."""
+        self.slow_reads_of = (prefix, seconds)
 
 
 class _Forward(http.server.BaseHTTPRequestHandler):
@@ -98,15 +134,26 @@ class _Forward(http.server.BaseHTTPRequestHandler):
     def refused(self) -> bool:
         return False
 
+    def delay(self) -> float:
+        return 0.0
+
+    def held(self) -> bool:
+        """True when the request was held unanswered (``hang()``) and must stay so."""
+        return False
+
     def log_message(self, format: str, *args: object) -> None:
         pass
 
     def _forward(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        if self.held():
+            self.close_connection = True
+            return
         if self.refused():
             self._reply(403, {"Content-Type": "application/xml"}, ACCESS_DENIED)
             return
+        time.sleep(self.delay())
         upstream = http.client.HTTPConnection(self.target, timeout=60)
         try:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}

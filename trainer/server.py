@@ -1,12 +1,18 @@
 """The trainer process: ``python -m trainer.server``. Runs retraining jobs one at a time behind an
 internal gRPC API (refit.trainer.v1.Trainer) that only the refit service calls.
 
+Threads: unary calls (Submit, GetJob, ...) keep UNARY_WORKERS threads whatever the streams do:
+Subscribe streams, one per service replica, are capped at REFIT_TRAINER_MAX_STREAMS beside them
+(RESOURCE_EXHAUSTED past it). grpc.health.v1 answers on a server and port of its own
+(REFIT_TRAINER_HEALTH_ADDRESS), so probes never wait behind the job API.
+
 On start it resumes jobs a restart interrupted and, when REFIT_PUBLISH_BASE_MODEL is set,
 publishes the base model (compose: the trainer container replaces the one-shot init).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import threading
@@ -15,25 +21,30 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from refit import logs
 from refit.errors import ErrorInterceptor
 from refit.gc import collect_garbage
-from refit.netutil import add_health_and_reflection, bind, wait_for_signal
+from refit.limits import StreamLimitInterceptor
+from refit.netutil import bind, wait_for_signal
 from refit.publish import Publisher, PublishRetry
-from refit.torchserve import TorchServeClient
+from refit.torchserve import Targets, TorchServeClient
+from refit.torchserve.keys import key_source
 from refit.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from refit.v1 import refit_pb2 as pb
 from trainer import metrics
 from trainer.jobs.manager import JobManager, JobRunner
 from trainer.jobs.protos import job_to_proto, request_to_dict, state_names
-from trainer.jobs.records import JobStore
+from trainer.jobs.records import JobRecord, JobStore
 from trainer.jobs.runner import TrainingRunner
 from trainer.jobs.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
-GRPC_WORKERS = 32  # the service is its only client: its watches and its job monitor
+UNARY_WORKERS = 16  # threads beside the streams' (the service is the only client)
+HEALTH_WORKERS = 4  # Check is unary; Watch streams may take at most HEALTH_STREAMS of them
+HEALTH_STREAMS = 2
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
 
 
@@ -55,25 +66,23 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         records = self.jobs.list(request.model, state_names(request.states), request.limit or 100)
         return pb.ListJobsResponse(jobs=[self._proto(r) for r in records])
 
-    def WatchJob(
-        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.JobEvent]:
-        for kind, record in self.jobs.follow(request.id, context.is_active):
-            yield pb.JobEvent(job=self._proto(record), kind=kind)
-
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         return self._proto(self.jobs.cancel(request.id))
 
     def Subscribe(
         self, request: trainer_pb2.SubscribeRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.JobEvent]:
-        for kind, record in self.jobs.follow(None, context.is_active):
-            yield pb.JobEvent(job=self._proto(record), kind=kind)
+    ) -> Iterator[trainer_pb2.SubscribeResponse]:
+        active, events = self.jobs.subscribe(context.is_active)
+        jobs = trainer_pb2.ActiveJobs(jobs=[self._proto(r) for r in active])
+        yield trainer_pb2.SubscribeResponse(active=jobs)
+        for kind, record in events:
+            event = pb.JobEvent(job=self._proto(record), kind=kind)
+            yield trainer_pb2.SubscribeResponse(event=event)
 
     def _job(self, job_id: str) -> pb.Job:
         return self._proto(self.jobs.get(job_id))
 
-    def _proto(self, record) -> pb.Job:
+    def _proto(self, record: JobRecord) -> pb.Job:
         return job_to_proto(record, self.jobs.queue_position(record.id))
 
 
@@ -81,6 +90,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 class TrainerServer:
     server: grpc.Server
     port: int
+    health_server: grpc.Server
+    health_port: int
+    streams: StreamLimitInterceptor  # its ``active``: Subscribe streams open now
     jobs: JobManager
     torchserve: TorchServeClient
     health: health.HealthServicer
@@ -88,6 +100,7 @@ class TrainerServer:
     stop_event: threading.Event
 
     def start(self) -> None:
+        self.health_server.start()  # NOT_SERVING until the job API is up
         self.jobs.start()
         self.server.start()
         for name in ("", SERVICE_NAME):
@@ -111,6 +124,7 @@ class TrainerServer:
         self.stop_event.set()
         self.jobs.stop()
         self.server.stop(grace_s).wait()
+        self.health_server.stop(0).wait()
         self.torchserve.close()
 
 
@@ -122,6 +136,11 @@ def build_server(settings: TrainerSettings, runner: JobRunner | None = None) -> 
         settings.torchserve_inference,
         settings.torchserve_management,
         register_timeout_s=settings.register_timeout_s,
+        keys=key_source(
+            settings.torchserve_keys,
+            Targets.parse(settings.torchserve_inference, settings.torchserve_management),
+            functools.partial(store.get, settings.bucket),
+        ),
     )
     if runner is None:
         retry = PublishRetry(settings.publish_retry_s, wait_s=settings.publish_wait_s)
@@ -135,17 +154,44 @@ def build_server(settings: TrainerSettings, runner: JobRunner | None = None) -> 
         history=settings.job_history,
         retry_backoff_s=settings.retry_backoff_s,
     )
+    workers = UNARY_WORKERS + settings.max_streams
+    streams = StreamLimitInterceptor(settings.max_streams, "REFIT_TRAINER_MAX_STREAMS")
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="trainer-grpc"),
-        interceptors=[ErrorInterceptor()],
-        maximum_concurrent_rpcs=GRPC_WORKERS,  # every call has a thread; one more is refused
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trainer-grpc"),
+        interceptors=[streams, ErrorInterceptor()],
+        maximum_concurrent_rpcs=workers,  # every call has a thread; one more is refused
     )
     trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(jobs), server)
-    health_servicer = add_health_and_reflection(server, SERVICE_NAME)
+    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = bind(server, settings.grpc_address)
+    health_server, health_servicer = _health_server()
+    health_port = bind(health_server, settings.health_address)
     return TrainerServer(
-        server, port, jobs, torchserve, health_servicer, settings, threading.Event()
+        server,
+        port,
+        health_server,
+        health_port,
+        streams,
+        jobs,
+        torchserve,
+        health_servicer,
+        settings,
+        threading.Event(),
     )
+
+
+def _health_server() -> tuple[grpc.Server, health.HealthServicer]:
+    """grpc.health.v1 alone, on threads of its own (probes: k8s, Docker, the launcher)."""
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=HEALTH_WORKERS, thread_name_prefix="trainer-health"),
+        interceptors=[StreamLimitInterceptor(HEALTH_STREAMS, "health Watch streams")],
+        maximum_concurrent_rpcs=HEALTH_WORKERS,
+    )
+    servicer = health.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return server, servicer
 
 
 def use_forkserver() -> None:
@@ -171,7 +217,12 @@ def main() -> None:
     metrics.serve(settings.metrics_address)
     trainer = build_server(settings)
     trainer.start()
-    log.info("trainer on %s (metrics on %s)", settings.grpc_address, settings.metrics_address)
+    log.info(
+        "trainer on %s (health on %s, metrics on %s)",
+        settings.grpc_address,
+        settings.health_address,
+        settings.metrics_address,
+    )
     wait_for_signal()
     trainer.stop()
 

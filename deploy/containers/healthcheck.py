@@ -1,7 +1,9 @@
 """Container health probe for Docker's HEALTHCHECK: exit 0 when healthy, 1 otherwise.
 
-    healthcheck.py grpc ADDRESS     grpc.health.v1 answers SERVING (the service, the trainer)
-    healthcheck.py http URL         the URL answers 2xx (TorchServe's /ping)
+    healthcheck.py grpc ADDRESS            grpc.health.v1 answers SERVING (the service, the trainer)
+    healthcheck.py http URL [KEY_FILE]     the URL answers 2xx (TorchServe's /ping); KEY_FILE:
+                                           TorchServe's key_file.json, whose inference key the
+                                           request carries (its token authorization is on)
 
 ADDRESS may be ``env:NAME``: the address the server binds, read from that variable, with a
 wildcard host (0.0.0.0, [::]) probed on loopback. grpc is imported only for grpc probes, so the
@@ -10,6 +12,7 @@ TorchServe image needs none of it.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import urllib.request
@@ -37,20 +40,29 @@ def grpc_serving(address: str) -> bool:
     return answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, key_file: str = "") -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+        headers = {"Authorization": f"Bearer {inference_key(key_file)}"} if key_file else {}
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             return 200 <= response.status < 300
-    except OSError:
+    except (OSError, ValueError, KeyError):  # no key file yet: TorchServe is still starting
         return False
 
 
+def inference_key(key_file: str) -> str:
+    with open(key_file) as keys:
+        return json.load(keys)["inference"]["key"]
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("grpc", "http"):
+    if argv[:1] == ["grpc"] and len(argv) == 2:
+        healthy = grpc_serving(argv[1])
+    elif argv[:1] == ["http"] and len(argv) in (2, 3):
+        healthy = http_ok(*argv[1:])
+    else:
         print(__doc__, file=sys.stderr)
         return 2
-    kind, target = argv
-    healthy = grpc_serving(target) if kind == "grpc" else http_ok(target)
     return 0 if healthy else 1
 
 

@@ -3,16 +3,24 @@
 Creates the buckets and one least-privilege MinIO identity per component, each with a policy
 that allows what that component's code does and nothing else:
 
-- ``refit-service`` reads the registry and the archives (it presigns archive URLs that TorchServe
-  fetches, so the signer must be able to read them) and writes the registry, because the public
-  API promotes, rolls back and deletes versions. No datasets, checkpoints or jobs.
-- ``refit-trainer`` reads datasets and backbone weights, and reads and writes archives, weights,
-  checkpoints, job records and the registry (it publishes versions). It deletes nothing.
+- ``refit-service`` lists the refit bucket and reads the registry and the archives (it presigns
+  the archive URLs TorchServe fetches, so the signer must be able to read them). It writes only
+  the models' default pointers (promote, rollback) and deletes only version records
+  (DeleteVersion). No datasets, checkpoints, jobs or weights; no archive writes.
+- ``refit-trainer`` lists and reads the datasets and models buckets (datasets, backbone weights),
+  and reads and writes archives, weights, checkpoints, job records and the registry in the refit
+  bucket (it publishes versions). It deletes a job's checkpoint once its version is published, a
+  version record whose publish failed, and what garbage collection (``refit gc``, run with its
+  identity) removes: archives, weights and checkpoints. It deletes no job records, and writes
+  nothing outside those prefixes.
+- ``refit-torchserve`` (each TorchServe replica's key keeper, deploy/torchserve/keeper.py) writes
+  the replicas' keys under ``torchserve/keys/`` and does nothing else; the service and the
+  trainer may read them there (refit/torchserve/keys.py), no one else.
 
 Only this container gets the root credentials. It is idempotent, so it runs on every `up`:
 buckets that exist are kept, users get the secret from the environment, policies are replaced.
-``--buckets-only`` skips the identities, for an S3 server without MinIO's admin API (the
-container test's stand-in); the components then use whatever credentials that server accepts.
+The container test's S3 stand-in (deploy/containers/test/s3_standin.py) serves the same admin
+calls and enforces these policies, and the tests run every component under them.
 """
 
 from __future__ import annotations
@@ -20,14 +28,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 DATASETS_BUCKET = "datasets"  # refit dataset upload s3://datasets/NAME; the trainer reads it
 MODELS_BUCKET = "models"  # torchvision backbone weights, s3://models/backbones/NAME.pth
 # The trainer's prefixes in the refit bucket (refit/registry.py, trainer/checkpoint.py, jobs).
 TRAINER_PREFIXES = ("archives", "registry", "weights", "checkpoints", "jobs")
-WRITE = ["s3:PutObject", "s3:AbortMultipartUpload"]  # archives go up in parts
+WRITE = ["s3:PutObject", "s3:AbortMultipartUpload"]  # archives and checkpoints go up in parts
+VERSION_RECORDS = "registry/*/versions/*"  # refit/registry.py's layout
+DEFAULT_POINTERS = "registry/*/default.json"
+TORCHSERVE_KEYS = "torchserve/keys"  # refit/torchserve/keys.py, deploy/torchserve/keeper.py
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,10 @@ def objects(bucket: str, *prefixes: str) -> list[str]:
     return [f"arn:aws:s3:::{bucket}/{p}/*" for p in prefixes] or [f"arn:aws:s3:::{bucket}/*"]
 
 
+def keys(bucket: str, *patterns: str) -> list[str]:
+    return [f"arn:aws:s3:::{bucket}/{p}" for p in patterns]
+
+
 def policy(*statements: dict) -> dict:
     return {"Version": "2012-10-17", "Statement": list(statements)}
 
@@ -60,27 +75,45 @@ def policy(*statements: dict) -> dict:
 def service_policy(bucket: str) -> dict:
     return policy(
         statement(["s3:ListBucket"], [bucket_arn(bucket)]),
-        statement(["s3:GetObject"], objects(bucket, "registry", "archives")),
-        statement([*WRITE, "s3:DeleteObject"], objects(bucket, "registry")),
+        statement(["s3:GetObject"], objects(bucket, "registry", "archives", TORCHSERVE_KEYS)),
+        statement(["s3:PutObject"], keys(bucket, DEFAULT_POINTERS)),
+        statement(["s3:DeleteObject"], keys(bucket, VERSION_RECORDS)),
     )
 
 
-def trainer_policy(bucket: str) -> dict:
-    read_only = (DATASETS_BUCKET, MODELS_BUCKET)
+def trainer_policy(
+    bucket: str, *, datasets: str = DATASETS_BUCKET, models: str = MODELS_BUCKET
+) -> dict:
+    """``datasets`` and ``models``: the buckets it only reads (tests name their own)."""
+    read_only = (datasets, models)
     return policy(
         statement(["s3:ListBucket"], [bucket_arn(b) for b in (bucket, *read_only)]),
         statement(
             ["s3:GetObject"],
-            objects(bucket, *TRAINER_PREFIXES) + [o for b in read_only for o in objects(b)],
+            objects(bucket, *TRAINER_PREFIXES, TORCHSERVE_KEYS)
+            + [o for b in read_only for o in objects(b)],
         ),
         statement(WRITE, objects(bucket, *TRAINER_PREFIXES)),
+        statement(
+            ["s3:DeleteObject"],
+            objects(bucket, "archives", "weights", "checkpoints") + keys(bucket, VERSION_RECORDS),
+        ),
     )
 
 
-def identities(bucket: str, env: dict[str, str]) -> list[Identity]:
+def torchserve_policy(bucket: str) -> dict:
+    return policy(statement(["s3:PutObject"], objects(bucket, TORCHSERVE_KEYS)))
+
+
+# Each component's policy by its role; the tests create identities from these too.
+POLICIES = {"service": service_policy, "trainer": trainer_policy, "torchserve": torchserve_policy}
+
+
+def identities(bucket: str, env: Mapping[str, str]) -> list[Identity]:
     return [
         Identity("refit-service", env["MINIO_SERVICE_SECRET_KEY"], service_policy(bucket)),
         Identity("refit-trainer", env["MINIO_TRAINER_SECRET_KEY"], trainer_policy(bucket)),
+        Identity("refit-torchserve", env["MINIO_TORCHSERVE_SECRET_KEY"], torchserve_policy(bucket)),
     ]
 
 
@@ -104,8 +137,7 @@ def create_identities(admin, wanted: Iterable[Identity]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--buckets-only", action="store_true", help="no users or policies")
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)  # no options; --help says what this is
 
     from minio import Minio
     from minio.credentials import StaticProvider
@@ -119,9 +151,6 @@ def main(argv: list[str] | None = None) -> None:
 
     client = Minio(host, access_key=user, secret_key=password, secure=secure)
     create_buckets(client, [bucket, DATASETS_BUCKET, MODELS_BUCKET])
-    if args.buckets_only:
-        print("identities skipped (--buckets-only)")
-        return
     admin = MinioAdmin(endpoint=host, credentials=StaticProvider(user, password), secure=secure)
     create_identities(admin, identities(bucket, env))
 

@@ -1,9 +1,10 @@
 """The compose stack on this machine's engine, for the container test and the benchmark.
 
 docker-compose.yml with docker-compose.test.yml (the images this machine cannot obtain, replaced),
-under a project name of its own, on free host ports, with random secrets and tokens in an env
-file of its own (never the repository's .env), the `cpu` trainer profile, and `down -v` on the
-way out whatever happened. It can run beside a `make up` stack.
+under a project name of its own, with random secrets and tokens in an env file of its own (never
+the repository's .env), the `cpu` trainer profile, and `down -v` on the way out whatever happened.
+It runs two service replicas, each on a free port of its own, and two TorchServe replicas, as the
+Kubernetes base does. It can run beside a `make up` stack.
 """
 
 from __future__ import annotations
@@ -28,25 +29,32 @@ def token() -> str:
     return secrets.token_urlsafe(24)
 
 
+REPLICAS = 2  # of the service and of TorchServe
+
+
 @dataclass
 class ComposeStack:
     workdir: Path
     project: str = field(default_factory=lambda: f"refit-e2e-{secrets.token_hex(4)}")
-    grpc_port: int = field(default_factory=free_port)
     prometheus_port: int = field(default_factory=free_port)
     admin_token: str = field(default_factory=token)
     predict_token: str = field(default_factory=token)
+    root_user: str = "refit-root"
+    root_password: str = field(default_factory=token)
 
     def __post_init__(self) -> None:
         self.env_file = self.workdir / f"{self.project}.env"
         values = {
-            "REFIT_GRPC_PORT": self.grpc_port,
+            "REFIT_GRPC_PORT": "",  # each service replica on a free port of its own
+            "REFIT_SERVICE_REPLICAS": REPLICAS,
+            "REFIT_TORCHSERVE_REPLICAS": REPLICAS,
             "PROMETHEUS_PORT": self.prometheus_port,
             "GRAFANA_PORT": free_port(),  # Grafana is not started here; the file must resolve
-            "MINIO_ROOT_USER": "refit-root",
-            "MINIO_ROOT_PASSWORD": token(),
+            "MINIO_ROOT_USER": self.root_user,
+            "MINIO_ROOT_PASSWORD": self.root_password,
             "MINIO_SERVICE_SECRET_KEY": token(),
             "MINIO_TRAINER_SECRET_KEY": token(),
+            "MINIO_TORCHSERVE_SECRET_KEY": token(),
             "GRAFANA_ADMIN_PASSWORD": token(),
             "REFIT_ADMIN_TOKEN": self.admin_token,
             "REFIT_PREDICT_TOKEN": self.predict_token,
@@ -56,8 +64,21 @@ class ComposeStack:
         self.env_file.chmod(0o600)
 
     @property
+    def addresses(self) -> list[str]:
+        """Each service replica's published address, in replica order."""
+        return [self.published("service", 50051, index) for index in range(1, REPLICAS + 1)]
+
+    @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        """The first service replica's address."""
+        return self.addresses[0]
+
+    def published(self, service: str, port: int, index: int = 1) -> str:
+        """The host address that publishes ``port`` of the service's ``index``-th container."""
+        answer = self.compose("port", f"--index={index}", service, str(port)).strip()
+        if not answer:
+            raise RuntimeError(f"{service} #{index} publishes no port {port}")
+        return answer
 
     @property
     def prometheus_url(self) -> str:
@@ -88,12 +109,22 @@ class ComposeStack:
         self.compose("down", "-v", "--remove-orphans", "--timeout", "30", check=False)
         self.env_file.unlink(missing_ok=True)
 
-    def container(self, service: str) -> str:
-        """The id of the service's container."""
-        ids = self.compose("ps", "-q", service).split()
-        if len(ids) != 1:
+    def container(self, service: str, index: int | None = None) -> str:
+        """The id of the service's container (``index``: its index-th replica, from 1)."""
+        ids = self.containers(service)
+        if index is None and len(ids) != 1:
             raise RuntimeError(f"{service}: expected one container, found {ids}")
-        return ids[0]
+        return ids[(index or 1) - 1]
+
+    def containers(self, service: str) -> list[str]:
+        """The ids of the service's containers, in replica order."""
+        project = f"label=com.docker.compose.project={self.project}"
+        role = f"label=com.docker.compose.service={service}"
+        number = '{{.ID}} {{.Label "com.docker.compose.container-number"}}'
+        rows = docker("ps", "-a", "--filter", project, "--filter", role, "--format", number)
+        rows = rows.splitlines()
+        pairs = sorted((int(n), cid) for cid, n in (row.split() for row in rows if row.strip()))
+        return [cid for _, cid in pairs]
 
     def inspect(self, container: str) -> dict:
         return json.loads(docker("inspect", container))[0]
@@ -113,9 +144,11 @@ class ComposeStack:
             }.items()
         }
 
-    def predict(self, image: bytes, model: str = "imagenet", timeout: float = 30):
-        """One Predict through the published port, as an admin."""
-        with grpc.insecure_channel(self.address) as channel:
+    def predict(
+        self, image: bytes, model: str = "imagenet", timeout: float = 30, address: str = ""
+    ):
+        """One Predict through a published port (the first replica's unless told), as an admin."""
+        with grpc.insecure_channel(address or self.address) as channel:
             return refit_pb2_grpc.RefitStub(channel).Predict(
                 refit_pb2.PredictRequest(image=image, model=model, top_k=5),
                 metadata=[("authorization", f"Bearer {self.admin_token}")],

@@ -7,6 +7,7 @@ Two backends behind one interface (``base.ObjectStore``), chosen by ``StorageSet
 """
 
 from refit.storage.base import (
+    AccessDenied,
     InvalidKey,
     NoSuchBucket,
     NoSuchObject,
@@ -22,6 +23,7 @@ from refit.storage.files import FileStore
 from refit.storage.s3 import S3Store
 
 __all__ = [
+    "AccessDenied",
     "FileStore",
     "InvalidKey",
     "NoSuchBucket",

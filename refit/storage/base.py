@@ -35,6 +35,13 @@ class NoSuchBucket(StorageError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AccessDenied(StorageError):
+    """The store refused this component's credentials, or its policy does not allow the
+    operation: not worth retrying; the identity or its policy must change."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class InvalidKey(StorageError):
     """A bucket name or key that breaks refit.identifiers' rules: the caller's mistake."""
 

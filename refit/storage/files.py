@@ -110,7 +110,11 @@ class FileStore:
                 if key.startswith(prefix):
                     keys.append(key)
         for key in sorted(keys):
-            yield self._info(key, bucket_dir / key)
+            try:
+                info = self._info(key, bucket_dir / key)
+            except FileNotFoundError:
+                continue  # deleted since the walk: S3 would not list it either
+            yield info
 
     def delete(self, bucket: str, key: str) -> None:
         path = self._path(bucket, key)

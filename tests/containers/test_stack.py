@@ -3,13 +3,17 @@
 Every image is built from this checkout (Dockerfile targets service, torchserve, trainer) and
 the stack runs docker-compose.yml with docker-compose.test.yml, which replaces only images this
 machine cannot obtain (MinIO by a local S3 server image, Prometheus by Debian's; Grafana is not
-started). Run by `make test-containers`, never by `make test`: it needs an engine, and about
-20 minutes on two loaded cores with no build cache, 4 with one (docs/benchmarks.md,
-"Containers"). The tests run in file order on one stack.
+started). Two service replicas (each on a port of its own) and two TorchServe replicas run, as
+in the Kubernetes base; the object store is a stand-in that enforces each component's MinIO
+policy (deploy/containers/test/). Run by `make test-containers`, never by `make test`: it needs
+an engine, and about 20 minutes on two loaded cores with no build cache, 4 with one
+(docs/benchmarks.md, "Containers"). The tests run in file order on one stack, this module before
+test_stack_under_faults.py; the stack fixture checks that `down -v` leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -42,6 +46,15 @@ CLASSES = {"red": (200, 30, 30), "blue": (30, 30, 200)}
 IMAGES_PER_CLASS = 8
 
 REFIT_CLI = str(Path(sys.executable).with_name("refit"))
+# Run inside a TorchServe container: the models its management API lists, asked with the
+# replica's own management key (its token authorization is on).
+LIST_MODELS = (
+    "import json, urllib.request; "
+    "key = json.load(open('/tmp/key_file.json'))['management']['key']; "
+    "request = urllib.request.Request('http://127.0.0.1:8081/models', "
+    "headers={'Authorization': 'Bearer ' + key}); "
+    "print(json.load(urllib.request.urlopen(request))['models'])"
+)
 
 
 def refit(stack: ComposeStack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -75,12 +88,25 @@ def test_images_run_as_numeric_non_root_users_with_healthchecks(stack, image):
     assert config["Healthcheck"]["Test"][0] == "CMD", config["Healthcheck"]
 
 
-def test_health_is_serving_through_the_published_port(stack):
-    with grpc.insecure_channel(stack.address) as channel:
-        answer = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=10
-        )
-    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+def test_health_is_serving_through_every_replica(stack):
+    assert len(stack.addresses) == 2 and len(set(stack.addresses)) == 2, stack.addresses
+    for address in stack.addresses:
+        with grpc.insecure_channel(address) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING, address
+
+
+def test_both_service_replicas_predict_through_both_torchserve_replicas(stack, coffee_jpeg):
+    assert len(stack.containers("torchserve")) == 2
+    for address in stack.addresses:
+        answer = stack.predict(coffee_jpeg, address=address)
+        assert {p.label for p in answer.predictions} & COFFEE_LABELS, address
+    for index in (1, 2):  # every replica holds the base model: the reconciler registered it
+        container = stack.container("torchserve", index)
+        models = docker("exec", container, "python", "-c", LIST_MODELS)
+        assert "imagenet" in models, (index, models)
 
 
 def test_cli_predicts_the_coffee_photo(stack, coffee_jpeg, tmp_path):
@@ -94,25 +120,40 @@ def test_cli_predicts_the_coffee_photo(stack, coffee_jpeg, tmp_path):
     assert (answer["model"], answer["version"]) == ("imagenet", "1")
 
 
+def test_torchserve_refuses_management_calls_without_its_key(stack):
+    """From the service's container (on the backend network): reaching the port is not enough."""
+    probe = (
+        "import urllib.request, urllib.error\n"
+        "try:\n"
+        "    urllib.request.urlopen('http://torchserve:8081/models', timeout=10)\n"
+        "    print('open')\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code, e.read().decode())\n"
+    )
+    answer = docker("exec", stack.container("service", 1), "python", "-c", probe)
+    assert answer.startswith("400") and "Token Authorization failed" in answer, answer
+
+
 def test_containers_run_as_non_root(stack):
     for service in RUNNING:
-        container = stack.container(service)
-        uid = docker("exec", container, "id", "-u").strip()
-        assert uid.isdigit() and uid != "0", f"{service} runs as uid {uid}"
+        for container in stack.containers(service):
+            uid = docker("exec", container, "id", "-u").strip()
+            assert uid.isdigit() and uid != "0", f"{service} runs as uid {uid}"
 
 
 def test_only_the_api_and_prometheus_are_published_on_loopback(stack):
     for service in NO_HOST_PORTS:
-        ports = stack.inspect(stack.container(service))["NetworkSettings"]["Ports"] or {}
-        assert all(binding is None for binding in ports.values()), f"{service}: {ports}"
-    published = {
-        "service": ("50051/tcp", stack.grpc_port),
-        "prometheus": ("9090/tcp", stack.prometheus_port),
-    }
-    for service, (port, host_port) in published.items():
-        ports = stack.inspect(stack.container(service))["NetworkSettings"]["Ports"]
+        for container in stack.containers(service):
+            ports = stack.inspect(container)["NetworkSettings"]["Ports"] or {}
+            assert all(binding is None for binding in ports.values()), f"{service}: {ports}"
+    published = [
+        (stack.container("service", n), "50051/tcp", address.rsplit(":", 1)[1])
+        for n, address in enumerate(stack.addresses, start=1)
+    ] + [(stack.container("prometheus"), "9090/tcp", str(stack.prometheus_port))]
+    for container, port, host_port in published:
+        ports = stack.inspect(container)["NetworkSettings"]["Ports"]
         bound = [b for bindings in ports.values() if bindings for b in bindings]
-        assert bound == [{"HostIp": "127.0.0.1", "HostPort": str(host_port)}], ports
+        assert bound == [{"HostIp": "127.0.0.1", "HostPort": host_port}], ports
         assert ports[port] == bound
 
 
@@ -128,12 +169,12 @@ def test_prometheus_scrapes_every_target(stack):
     assert health == {"refit-service": "up", "refit-trainer": "up", "torchserve": "up"}
 
 
-def labelled_images(root: Path) -> Path:
+def labelled_images(root: Path, per_class: int = IMAGES_PER_CLASS) -> Path:
     """A few small PNGs per class: a colour with noise, which one epoch can learn."""
     rng = random.Random(7)
     for name, colour in CLASSES.items():
         (root / name).mkdir(parents=True)
-        for n in range(IMAGES_PER_CLASS):
+        for n in range(per_class):
             pixels = bytes(
                 max(0, min(255, c + rng.randint(-40, 40))) for _ in range(48 * 48) for c in colour
             )
@@ -141,10 +182,18 @@ def labelled_images(root: Path) -> Path:
     return root
 
 
+def colour_image(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 48), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def aws(stack: ComposeStack, *args: str, mount: Path | None = None) -> str:
-    """awscli (from the S3 stand-in image) in a container on the stack's backend network."""
+    """awscli (from the S3 stand-in image) in a container on the stack's backend network, as the
+    object store's root user (the operator who uploads datasets and inspects the buckets)."""
     volume = ["-v", f"{mount}:/data:ro"] if mount else []
-    keys = ["-e", "AWS_ACCESS_KEY_ID=uploader", "-e", "AWS_SECRET_ACCESS_KEY=uploader"]
+    keys = ["-e", f"AWS_ACCESS_KEY_ID={stack.root_user}",
+            "-e", f"AWS_SECRET_ACCESS_KEY={stack.root_password}"]  # fmt: skip
     return docker(
         "run", "--rm", "--network", stack.network, *volume, *keys,
         "-e", "AWS_DEFAULT_REGION=us-east-1", "refit-test-s3:local",
@@ -155,6 +204,42 @@ def aws(stack: ComposeStack, *args: str, mount: Path | None = None) -> str:
 def test_minio_init_created_the_buckets(stack):
     buckets = {b["Name"] for b in json.loads(aws(stack, "s3api", "list-buckets"))["Buckets"]}
     assert {"refit", "datasets", "models"} <= buckets
+
+
+# Run in a component's container, with its own store identity (its MINIO_* environment).
+STORE_PROBE = """
+from refit.storage import AccessDenied, StorageSettings
+store = StorageSettings.from_env().open()
+for what, call in {CALLS}.items():
+    try:
+        call(store)
+        print(what, "allowed")
+    except AccessDenied:
+        print(what, "refused")
+"""
+
+
+def test_the_components_reach_the_store_as_their_own_identities(stack):
+    """The stand-in enforces minio-init's policies: each component may do its own part only."""
+    service = STORE_PROBE.replace(
+        "{CALLS}",
+        """{
+        "registry": lambda s: list(s.list("refit", "registry/")),
+        "datasets": lambda s: list(s.list("datasets")),
+        "write archives": lambda s: s.put("refit", "archives/x/y.mar", b"x"),
+    }""",
+    )
+    answer = docker("exec", stack.container("service", 1), "python", "-c", service).split("\n")
+    assert answer[:3] == ["registry allowed", "datasets refused", "write archives refused"]
+    trainer = STORE_PROBE.replace(
+        "{CALLS}",
+        """{
+        "datasets": lambda s: list(s.list("datasets")),
+        "write outside its prefixes": lambda s: s.put("refit", "elsewhere/x", b"x"),
+    }""",
+    )
+    answer = docker("exec", stack.container("trainer-cpu"), "python", "-c", trainer).split("\n")
+    assert answer[:2] == ["datasets allowed", "write outside its prefixes refused"]
 
 
 def test_retrain_from_uploaded_images_publishes_a_new_version(stack, tmp_path, figures):
@@ -178,7 +263,7 @@ def test_retrain_from_uploaded_images_publishes_a_new_version(stack, tmp_path, f
     assert result.returncode == 0 and job.get("state") == "SUCCEEDED", (result.stderr, job)
 
     red = tmp_path / "red.png"
-    Image.new("RGB", (48, 48), CLASSES["red"]).save(red)
+    red.write_bytes(colour_image(CLASSES["red"]))
     predicted = refit(stack, "predict", str(red), "--model", "colours", "--json")
     assert predicted.returncode == 0, predicted.stderr
     answer = json.loads(predicted.stdout)
@@ -189,7 +274,7 @@ def test_retrain_from_uploaded_images_publishes_a_new_version(stack, tmp_path, f
 def test_torchserve_restarts_by_policy_after_a_crash(stack, coffee_jpeg, figures):
     # Docker treats `docker kill` as an operator's stop and never restarts after it (any
     # policy); a crash is its main process dying, as the kernel's OOM killer would do it.
-    container = stack.container("torchserve")
+    container = stack.container("torchserve", 1)
     before = stack.inspect(container)
     os.kill(before["State"]["Pid"], signal.SIGKILL)
     killed = time.monotonic()
@@ -202,8 +287,3 @@ def test_torchserve_restarts_by_policy_after_a_crash(stack, coffee_jpeg, figures
     recovered = time.monotonic() - killed
     figures["Predict answers again after the TorchServe crash"] = f"{recovered:.0f} s"
     assert answer.version == "1" and recovered < RECOVERY_BOUND_S
-
-
-def test_down_leaves_nothing_behind(stack):
-    stack.down()
-    assert stack.leftovers() == {"containers": [], "volumes": [], "networks": []}

@@ -179,8 +179,11 @@ def test_jobs_run_once_and_servers_restart(compose):
     [
         ("REFIT_GRPC_ADDRESS", "0.0.0.0:50051"),
         ("REFIT_METRICS_ADDRESS", "0.0.0.0:9101"),
-        ("REFIT_TORCHSERVE_INFERENCE", "torchserve:7070"),
-        ("REFIT_TORCHSERVE_MANAGEMENT", "torchserve:7071"),
+        ("REFIT_TORCHSERVE_INFERENCE", "dns:///torchserve:7070"),
+        ("REFIT_TORCHSERVE_MANAGEMENT", "dns:///torchserve:7071"),
+        ("REFIT_TORCHSERVE_MANAGEMENT_REST", "dns:///torchserve:8081"),
+        # TorchServe's inference counters: idleness judged from every service replica's use
+        ("REFIT_TORCHSERVE_METRICS", "dns:///torchserve:8082"),
         ("MINIO_ENDPOINT", "http://minio:9000"),
         ("REFIT_TRAINER_ADDRESS", "trainer:50052"),
     ],
@@ -199,9 +202,10 @@ def test_service_gets_the_tokens_from_env(compose):
     ("key", "value"),
     [
         ("REFIT_TRAINER_GRPC_ADDRESS", "0.0.0.0:50052"),
+        ("REFIT_TRAINER_HEALTH_ADDRESS", "0.0.0.0:50053"),  # the image's HEALTHCHECK probes it
         ("REFIT_TRAINER_METRICS_ADDRESS", "0.0.0.0:9102"),
-        ("REFIT_TORCHSERVE_INFERENCE", "torchserve:7070"),
-        ("REFIT_TORCHSERVE_MANAGEMENT", "torchserve:7071"),
+        ("REFIT_TORCHSERVE_INFERENCE", "dns:///torchserve:7070"),
+        ("REFIT_TORCHSERVE_MANAGEMENT", "dns:///torchserve:7071"),
         ("MINIO_ENDPOINT", "http://minio:9000"),
     ],
 )
@@ -231,13 +235,12 @@ def test_the_base_model_is_published_by_a_one_shot_job(compose):
 # --- the container test's override -----------------------------------------------------------
 
 # What the override may change per service: images that cannot be obtained on the test machine,
-# how images build (the host network, for a loopback package mirror), and minio-init's
-# identities step, which the S3 stand-in cannot serve.
+# and how images build (the host network, for a loopback package mirror). minio-init runs as in
+# production, identities and policies included: the S3 stand-in serves MinIO's admin calls.
 ALLOWED_OVERRIDES = {
     "minio": {"image", "build", "command", "healthcheck"},
     "prometheus": {"image", "build"},
     "grafana": {"profiles"},
-    "minio-init": {"command", "build"},
 }
 
 
@@ -248,8 +251,4 @@ def test_the_override_replaces_only_unobtainable_images(compose):
         assert set(changes) <= ALLOWED_OVERRIDES.get(name, {"build"}), name
         if name in REFIT_TARGETS:
             assert changes["build"] == {"network": "host"}, name
-    assert override["minio-init"]["command"] == [
-        *compose["services"]["minio-init"]["command"],
-        "--buckets-only",
-    ]
     assert override["grafana"]["profiles"] == ["grafana-image-unavailable"]

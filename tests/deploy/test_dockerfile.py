@@ -77,6 +77,18 @@ def test_targets_run_as_a_numeric_non_root_user_with_a_healthcheck(target):
     assert any(keyword == "CMD" for keyword, _ in steps)
 
 
+def test_the_trainer_image_probes_health_on_its_own_port():
+    # The job API's threads and streams cannot keep this probe waiting (issue 23).
+    steps = stages()["trainer"][1]
+    env = " ".join(args for keyword, args in steps if keyword == "ENV").split()
+    assert "REFIT_TRAINER_HEALTH_ADDRESS=0.0.0.0:50053" in env
+    assert "REFIT_TRAINER_GRPC_ADDRESS=0.0.0.0:50052" in env
+    exposed = " ".join(args for keyword, args in steps if keyword == "EXPOSE").split()
+    assert {"50052", "50053"} <= set(exposed)
+    (probe,) = [args for keyword, args in steps if keyword == "HEALTHCHECK"]
+    assert probe.endswith('healthcheck.py", "grpc", "env:REFIT_TRAINER_HEALTH_ADDRESS"]')
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_pip_and_its_build_args_never_reach_a_final_image(target):
     for stage in lineage(target):

@@ -296,18 +296,34 @@ def test_gpu_only_in_the_gpu_overlay(rendered):
     assert device == "cuda"
 
 
-@pytest.mark.parametrize("workload", ["refit-service", "refit-trainer"])
-def test_readiness_is_the_grpc_health_check(rendered, workload):
+# The port each workload's grpc.health.v1 answers on: the trainer's has its own server and
+# threads, so job calls and watch streams cannot make it miss a probe (issue 23).
+HEALTH_PORTS = {"refit-service": "grpc", "refit-trainer": "health"}
+
+
+@pytest.mark.parametrize(("workload", "port_name"), HEALTH_PORTS.items())
+def test_readiness_is_the_grpc_health_check(rendered, workload, port_name):
     container = _container(rendered["base"], workload)
-    grpc_port = named_ports({"spec": {"containers": [container]}})["grpc"]
-    assert container["readinessProbe"]["grpc"]["port"] == grpc_port
+    health_port = named_ports({"spec": {"containers": [container]}})[port_name]
+    assert container["readinessProbe"]["grpc"]["port"] == health_port
     # Liveness: grpc health for the trainer; for the service only that it accepts connections,
     # since its health follows TorchServe's and a restart would not bring TorchServe back.
     liveness = container["livenessProbe"]
-    assert liveness.get("grpc", {}).get("port") == grpc_port or liveness["tcpSocket"]["port"] in (
-        "grpc",
-        grpc_port,
+    assert liveness.get("grpc", {}).get("port") == health_port or liveness["tcpSocket"]["port"] in (
+        port_name,
+        health_port,
     )
+
+
+def test_the_trainer_serves_health_where_its_probes_look(rendered):
+    container = _container(rendered["base"], "refit-trainer")
+    ports = named_ports({"spec": {"containers": [container]}})
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["REFIT_TRAINER_HEALTH_ADDRESS"] == f"0.0.0.0:{ports['health']}"
+    assert env["REFIT_TRAINER_GRPC_ADDRESS"] == f"0.0.0.0:{ports['grpc']}"
+    assert ports["health"] != ports["grpc"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == ports["health"], probe
 
 
 def test_torchserve_has_two_replicas_behind_a_headless_service(rendered):
@@ -328,6 +344,20 @@ def test_torchserve_has_two_replicas_behind_a_headless_service(rendered):
         for setting in ("REFIT_TORCHSERVE_INFERENCE", "REFIT_TORCHSERVE_MANAGEMENT"):
             host, port = re.fullmatch(r"dns:///([\w-]+):(\d+)", env[setting]).groups()
             assert host == "torchserve-headless" and int(port) in ports, (workload, setting)
+
+
+def test_the_service_reaches_each_torchserve_pod_s_rest_management_and_metrics(rendered):
+    """Scaling to 0 workers (REST management) and idleness from TorchServe's inference counters
+    (its metrics port): every pod, by the headless name, on the ports the pods listen on."""
+    objects = rendered["base"]
+    env = {e["name"]: e.get("value") for e in _container(objects, "refit-service")["env"]}
+    ports = named_ports(dict(pod_templates(objects))["torchserve"])
+    for setting, port_name in (
+        ("REFIT_TORCHSERVE_MANAGEMENT_REST", "rest-management"),
+        ("REFIT_TORCHSERVE_METRICS", "metrics"),
+    ):
+        host, port = re.fullmatch(r"dns:///([\w-]+):(\d+)", env[setting]).groups()
+        assert host == "torchserve-headless" and int(port) == ports[port_name], setting
 
 
 def test_the_hpa_scales_the_service(rendered):
@@ -384,9 +414,8 @@ def test_readme_shows_how_to_create_each_secret(rendered):
 
 
 def test_every_setting_is_one_the_code_reads(rendered):
-    source = "\n".join(
-        p.read_text() for d in ("refit", "service", "trainer") for p in (ROOT / d).rglob("*.py")
-    )
+    readers = ("refit", "service", "trainer", "deploy/torchserve")  # the last: TorchServe's keeper
+    source = "\n".join(p.read_text() for d in readers for p in (ROOT / d).rglob("*.py"))
     for name, pod in pod_templates(rendered["overlays/gpu"]):
         for c in containers(pod):
             for env in c.get("env", []):
@@ -440,10 +469,13 @@ def test_only_the_service_and_the_trainer_reach_torchserve(network):
     assert reached_by(pods["torchserve"], 8081) == {"refit-service"}
 
 
-def test_prometheus_alone_reaches_the_metrics_ports(network):
+def test_prometheus_alone_reaches_the_metrics_ports_and_the_service_torchserve_s(network):
+    """And the service TorchServe's: it reads each pod's inference counters
+    (REFIT_TORCHSERVE_METRICS) to tell which versions any service replica uses."""
     pods, reached_by, _ = network
     for workload, port in JOBS.items():
-        assert reached_by(pods[workload], port) == {"prometheus"}, workload
+        readers = {"prometheus", "refit-service"} if workload == "torchserve" else {"prometheus"}
+        assert reached_by(pods[workload], port) == readers, workload
 
 
 def test_only_refit_components_reach_minio(network):
@@ -455,6 +487,7 @@ def test_the_api_is_open_and_the_trainer_internal(network):
     pods, reached_by, _ = network
     assert {"stranger", "prometheus"} <= reached_by(pods["refit-service"], 50051)
     assert reached_by(pods["refit-trainer"], 50052) == {"refit-service"}
+    assert reached_by(pods["refit-trainer"], 50053) == set()  # health: the kubelet's probes only
 
 
 def test_pods_reach_dns_and_nothing_outside(network):

@@ -35,10 +35,21 @@ def all_rules() -> list[dict]:
 
 
 def targets(config: dict) -> dict[str, list[str]]:
+    """Each job's targets, static or discovered through DNS (``name:port`` for each name)."""
     return {
-        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+        job["job_name"]: [t for sc in job.get("static_configs", []) for t in sc["targets"]]
+        + [f"{name}:{sd['port']}" for sd in job.get("dns_sd_configs", []) for name in sd["names"]]
         for job in config["scrape_configs"]
     }
+
+
+def test_replicated_compose_services_are_discovered_through_dns():
+    """The service and TorchServe may run several replicas: each address is a target."""
+    config = load_yaml(PROMETHEUS_DIR / "prometheus.yml")
+    for job in config["scrape_configs"]:
+        if job["job_name"] in ("refit-service", "torchserve"):
+            assert [sd["type"] for sd in job["dns_sd_configs"]] == ["A"], job
+            assert "static_configs" not in job, job
 
 
 @pytest.mark.parametrize("config", CONFIGS)

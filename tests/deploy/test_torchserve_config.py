@@ -46,7 +46,7 @@ def test_serving_settings():
     props = read_properties()
     assert props["metrics_mode"] == "prometheus"  # the default (log) serves an empty /metrics
     assert props["enable_model_api"] == "true"  # the service registers versions at run time
-    assert props["disable_token_authorization"] == "true"
+    assert "disable_token_authorization" not in props  # TorchServe's own: on
     assert props["grpc_inference_port"] == "7070"
     assert props["grpc_management_port"] == "7071"
 
@@ -64,7 +64,7 @@ def test_allowed_urls_is_only_the_object_store():
 
 
 @pytest.fixture(scope="module")
-def torchserve(tmp_path_factory) -> Iterator[dict[str, int]]:
+def torchserve(tmp_path_factory) -> Iterator[dict]:
     """TorchServe started with the compose config, every listener moved to a free loopback port."""
     work = tmp_path_factory.mktemp("torchserve")
     ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc", "grpcm")}
@@ -89,7 +89,7 @@ def torchserve(tmp_path_factory) -> Iterator[dict[str, int]]:
     try:
         for name in ports:
             wait_for_port(ports[name], timeout=60, process=process)
-        yield ports
+        yield {**ports, "keys": work / "key_file.json"}
     finally:
         subprocess.run([str(torchserve_bin), "--stop"], env=env, capture_output=True, timeout=30)
         try:
@@ -99,13 +99,18 @@ def torchserve(tmp_path_factory) -> Iterator[dict[str, int]]:
             process.wait(10)
 
 
-def http(method: str, url: str) -> tuple[int, str]:
-    request = urllib.request.Request(url, method=method)
+def http(method: str, url: str, key: str = "") -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(url, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
+
+
+def management_key(torchserve: dict) -> str:
+    return json.loads(torchserve["keys"].read_text())["management"]["key"]
 
 
 @pytest.mark.integration
@@ -118,10 +123,23 @@ def test_metrics_are_in_prometheus_format(torchserve):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "models"), ("POST", f"models?url={OBJECT_STORE_URL}"), ("DELETE", "models/m/1")],
+)
+def test_management_refuses_a_caller_without_the_key(torchserve, method, path):
+    """Reaching the management port is not enough: its token authorization is on."""
+    url = f"http://127.0.0.1:{torchserve['management']}/{path}"
+    for key in ("", "not-the-key"):
+        status, body = http(method, url, key)
+        assert status == 400 and "Token Authorization failed" in body, (key, status, body)
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "http://127.0.0.1:9/model.mar"])
-def test_registration_from_elsewhere_is_refused_without_a_token(torchserve, url):
+def test_registration_from_elsewhere_is_refused_even_with_the_key(torchserve, url):
     management = f"http://127.0.0.1:{torchserve['management']}"
-    status, body = http("POST", f"{management}/models?url={url}")
-    # Not 401 (no token needed) and not 405 (model API on): refused by allowed_urls.
+    status, body = http("POST", f"{management}/models?url={url}", management_key(torchserve))
+    # Not 405 (model API on): refused by allowed_urls.
     assert status == 404, body
     assert "does not match any allowed URL" in json.loads(body)["message"]

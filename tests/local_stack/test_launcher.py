@@ -57,6 +57,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> StackSettings:
         prometheus_address=f"127.0.0.1:{free_port()}",
         scrape_interval="1s",
         trainer_address=f"127.0.0.1:{free_port()}",
+        trainer_health_address=f"127.0.0.1:{free_port()}",
         trainer_metrics_address=f"127.0.0.1:{free_port()}",
         torchserve=TorchServePorts(*(free_port() for _ in range(5))),
     )
@@ -320,11 +321,16 @@ def test_ports_come_from_the_environment() -> None:
         "REFIT_TORCHSERVE_MANAGEMENT": "127.0.0.1:17071",
         "REFIT_GRPC_ADDRESS": "127.0.0.1:15051",
         "REFIT_PROMETHEUS_ADDRESS": "127.0.0.1:19090",
+        "REFIT_TRAINER_HEALTH_ADDRESS": "127.0.0.1:15053",
     }
     settings = StackSettings.from_env(env)
     assert settings.torchserve == TorchServePorts(18080, 18081, 18082, 17070, 17071)
     assert settings.grpc_address == "127.0.0.1:15051"
+    # The trainer serves health where `make up` waits for it.
+    assert settings.service_env()["REFIT_TRAINER_HEALTH_ADDRESS"] == "127.0.0.1:15053"
     assert settings.scrape_targets()["torchserve"] == "127.0.0.1:18082"
+    # The service reads TorchServe's inference counters there (idle workers, service/workers.py).
+    assert settings.service_env()["REFIT_TORCHSERVE_METRICS"] == "127.0.0.1:18082"
 
 
 def check_tokens(settings: StackSettings) -> None:

@@ -17,6 +17,7 @@ from refit.storage import InvalidKey, NoSuchBucket, NoSuchObject, StoreFull, Sto
     [
         (errors.InvalidArgument("m"), grpc.StatusCode.INVALID_ARGUMENT),
         (errors.PayloadTooLarge("m"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.ResourceExhausted("m"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (errors.NotFound("m"), grpc.StatusCode.NOT_FOUND),
         (errors.Unavailable("m"), grpc.StatusCode.UNAVAILABLE),
         (errors.DeadlineExceeded("m"), grpc.StatusCode.DEADLINE_EXCEEDED),

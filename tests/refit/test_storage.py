@@ -305,3 +305,14 @@ def test_disk_full_is_a_clear_error_and_corrupts_nothing(small_disk: Path) -> No
         "archives/m/small.mar",
         "registry/m/default.json",
     ]
+
+
+def test_a_file_deleted_while_a_listing_is_read_is_left_out(file_store: FileStore) -> None:
+    """gc lists while a job deletes its checkpoint: the listing skips it, as S3's would."""
+    file_store.ensure_bucket("refit")
+    for key in ("checkpoints/a/1.pt", "checkpoints/a/2.pt", "checkpoints/b/1.pt"):
+        file_store.put("refit", key, b"x")
+    listing = file_store.list("refit", "checkpoints/")
+    assert next(listing).key == "checkpoints/a/1.pt"
+    file_store.delete("refit", "checkpoints/a/2.pt")
+    assert [info.key for info in listing] == ["checkpoints/b/1.pt"]

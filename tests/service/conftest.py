@@ -37,9 +37,10 @@ TEST_AUTH = AuthSettings(admin_tokens=(ADMIN_TOKEN,), predict_tokens=(PREDICT_TO
 
 @pytest.fixture(scope="session")
 def refit_bucket(moto_server: MotoServer) -> str:
-    """A bucket holding the published base model (``imagenet`` v1)."""
+    """A bucket holding the base model (``imagenet`` v1), published as the compose stack's
+    base-model job publishes it: with the trainer's identity."""
     name = f"refit-{uuid.uuid4().hex[:8]}"
-    publish_base_model(S3Store(moto_server.settings), name)
+    publish_base_model(S3Store(moto_server.identity("trainer", name)), name)
     return name
 
 
@@ -120,16 +121,25 @@ def add_version_of(
 
 
 def service_settings(
-    moto_server: MotoServer, bucket: str, ports: TorchServePorts, **overrides: object
+    moto_server: MotoServer,
+    bucket: str,
+    torchserve: TorchServeProcess | TorchServePorts,
+    **overrides: object,
 ) -> ServiceSettings:
+    """The service on ``bucket`` with its own least-privilege identity, as in production, and
+    ``torchserve``'s keys (none when only its ports are given: nothing answers there)."""
+    ports = torchserve if isinstance(torchserve, TorchServePorts) else torchserve.ports
+    keys = "" if isinstance(torchserve, TorchServePorts) else torchserve.keys
     fields = {
         "grpc_address": "127.0.0.1:0",
         "torchserve_inference": f"127.0.0.1:{ports.grpc_inference}",
         "torchserve_management": f"127.0.0.1:{ports.grpc_management}",
         "torchserve_management_rest": f"127.0.0.1:{ports.management}",
+        "torchserve_metrics": f"127.0.0.1:{ports.metrics}",
+        "torchserve_keys": keys,
         "bucket": bucket,
         "reconcile_interval_s": 2.0,
-        "storage": moto_server.settings,
+        "storage": moto_server.identity("service", bucket),
         "auth": TEST_AUTH,
     }
     return ServiceSettings(**{**fields, **overrides})
@@ -190,7 +200,7 @@ def wait_serving(port: int, timeout_s: float = 120.0) -> None:
 def refit_service(
     moto_server: MotoServer, refit_bucket: str, torchserve: TorchServeProcess
 ) -> Iterator[RefitServer]:
-    refit = start_service(service_settings(moto_server, refit_bucket, torchserve.ports))
+    refit = start_service(service_settings(moto_server, refit_bucket, torchserve))
     yield refit
     refit.stop()
 

@@ -1,10 +1,13 @@
-"""No single broken model takes serving down (issue 11): a version whose archive TorchServe
-refuses, a default that names no version record and a record that does not parse sit next to the
-healthy `imagenet` model. The service must still become SERVING, keep answering for imagenet,
-report each problem (GetModel, metrics) and retry the refused version with backoff.
+"""No single broken model takes serving down (issues 11 and 23): a version whose archive
+TorchServe refuses, a model whose *default* archive TorchServe refuses, one whose archive was
+changed after it was stored, a default that names no version record and a record that does not
+parse sit next to the healthy `imagenet` model. The
+service must still become SERVING, keep answering for imagenet, report each problem (GetModel,
+metrics) and retry the refused versions with backoff.
 
 Before per-version reconciling, the first refused registration aborted every pass: health stayed
-NOT_SERVING for all models (and `make up` failed after 300 s)."""
+NOT_SERVING for all models (and `make up` failed after 300 s). Before issue 23, a default refused
+everywhere kept every replica out of line: health stayed NOT_SERVING (`wait_serving` timed out)."""
 
 from __future__ import annotations
 
@@ -32,11 +35,12 @@ from tests.service.conftest import (
 
 pytestmark = pytest.mark.integration
 GARBAGE = b"this is not a model archive"
+REFUSED_DEFAULT = b"this is not a model archive either"
 
 
 @pytest.fixture(scope="module")
 def broken_bucket(moto_server: MotoServer, refit_bucket: str) -> str:
-    """imagenet v1 (healthy default) and v2 (a broken archive), plus two broken models."""
+    """imagenet v1 (healthy default) and v2 (a broken archive), plus three broken models."""
     store, name, source = bucket_with_imagenet_archive(moto_server, refit_bucket, "broken")
     for key in ("registry/imagenet/versions/1.json", "registry/imagenet/default.json"):
         store.put(name, key, store.get(refit_bucket, key))
@@ -44,6 +48,15 @@ def broken_bucket(moto_server: MotoServer, refit_bucket: str) -> str:
     bad_key = Registry.archive_key("imagenet", hashlib.sha256(GARBAGE).hexdigest())
     store.put(name, bad_key, GARBAGE)
     registry.add(VersionRecord("imagenet", "2", bad_key, source.class_names))
+    refused_key = Registry.archive_key("refused", hashlib.sha256(REFUSED_DEFAULT).hexdigest())
+    store.put(name, refused_key, REFUSED_DEFAULT)
+    registry.add(VersionRecord("refused", "1", refused_key, source.class_names))
+    registry.set_default("refused", "1")
+    # A valid archive stored under a key that names other content: changed after it was stored.
+    tampered_key = Registry.archive_key("tampered", hashlib.sha256(GARBAGE * 2).hexdigest())
+    store.put(name, tampered_key, store.get(name, source.archive_key))
+    registry.add(VersionRecord("tampered", "1", tampered_key, source.class_names))
+    registry.set_default("tampered", "1")
     store.put(name, "registry/orphaned/default.json", json.dumps({"version": "5"}).encode())
     store.put(name, "registry/unreadable/versions/1.json", b"{not json")
     return name
@@ -53,7 +66,7 @@ def broken_bucket(moto_server: MotoServer, refit_bucket: str) -> str:
 def service(
     moto_server: MotoServer, broken_bucket: str, torchserve: TorchServeProcess
 ) -> Iterator[RefitServer]:
-    settings = service_settings(moto_server, broken_bucket, torchserve.ports, reconcile_retry_s=0.5)
+    settings = service_settings(moto_server, broken_bucket, torchserve, reconcile_retry_s=0.5)
     refit = start_service(settings, wait_ready=False)
     yield refit
     refit.stop()
@@ -107,3 +120,34 @@ def test_an_unreadable_record_is_the_models_problem(service, api) -> None:
     assert {"imagenet", "orphaned", "unreadable"} <= set(names)
     assert "cannot be read" in names["unreadable"].problem
     assert REGISTRY.get_sample_value("refit_model_problem", {"model": "unreadable"}) == 1
+
+
+def test_a_default_refused_everywhere_is_the_models_problem(service, api, cat_jpeg) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        model = api.GetModel(pb.GetModelRequest(name="refused"), timeout=10)
+        if model.problem or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not model.default_served
+    assert "v1" in model.problem and "refused" in model.problem, model.problem
+    assert model.versions[0].registration == pb.ModelVersion.REGISTRATION_FAILED
+    assert REGISTRY.get_sample_value("refit_model_problem", {"model": "refused"}) == 1
+    replica = service.torchserve.replicas()[0].name
+    assert REGISTRY.get_sample_value("refit_torchserve_replica_in_rotation", {"replica": replica})
+    answer = api.Predict(pb.PredictRequest(image=cat_jpeg, model="imagenet"), timeout=30)
+    assert answer.version == "1"
+
+
+def test_an_archive_changed_after_it_was_stored_is_never_registered(service, api) -> None:
+    """Its content no longer hashes to its key: TorchServe never gets it (it would run its
+    handler), whatever TorchServe would have made of it."""
+    deadline = time.monotonic() + 60
+    while True:
+        (v1,) = api.GetModel(pb.GetModelRequest(name="tampered"), timeout=10).versions
+        if v1.registration_attempts >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert v1.registration == pb.ModelVersion.REGISTRATION_FAILED, v1
+    assert "changed after it was stored" in v1.registration_error
+    assert all("tampered" not in r.model_names() for r in service.torchserve.replicas())

@@ -4,9 +4,7 @@ an image the handler cannot decode fails alone, as INVALID_ARGUMENT, while its b
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +48,7 @@ def batched_bucket(moto_server: MotoServer, refit_bucket: str) -> str:
 def service(
     moto_server: MotoServer, batched_bucket: str, torchserve: TorchServeProcess
 ) -> Iterator[RefitServer]:
-    refit = start_service(service_settings(moto_server, batched_bucket, torchserve.ports))
+    refit = start_service(service_settings(moto_server, batched_bucket, torchserve))
     yield refit
     refit.stop()
 
@@ -112,9 +110,7 @@ def alone(api: refit_pb2_grpc.RefitStub, photos: list[bytes]) -> list[pb.Predict
 def test_the_registration_carries_the_versions_batching(
     api: refit_pb2_grpc.RefitStub, torchserve: TorchServeProcess
 ) -> None:
-    url = f"http://127.0.0.1:{torchserve.ports.management}/models/{MODEL}/1"
-    with urllib.request.urlopen(url, timeout=10) as response:  # TorchServe's describe API
-        (described,) = json.load(response)
+    described = torchserve.describe(MODEL, "1")  # TorchServe's describe API
     assert (described["batchSize"], described["maxBatchDelay"]) == (4, 300)
     (version,) = api.GetModel(pb.GetModelRequest(name=MODEL), timeout=10).versions
     assert (version.batching.batch_size, version.batching.max_batch_delay_ms) == (4, 300)

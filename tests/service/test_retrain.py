@@ -1,9 +1,12 @@
-"""Retraining end to end: the service, a trainer, a real TorchServe and a real S3 server (moto).
+"""Retraining end to end: the service, a trainer, a real TorchServe and the policed S3 stand-in,
+the service and the trainer each under its own identity with the policy minio-init ships
+(deploy/containers/minio_init.py), as in production.
 
 One model (``colours``) goes through three jobs in order: a deliberately poor first version
 (promoted: nothing to compare with), a good one (promoted by the gate while Predict traffic
-flows), a poor one again (stays a candidate). Then defaults, deletion, listing, cancellation, one
-active job per model, and a trainer process killed mid-job and restarted.
+flows), a poor one again (stays a candidate). Then defaults, deletion, listing, each job's
+checkpoint deleted, cancellation, one active job per model, `refit gc` with the trainer's
+identity, and a trainer process killed mid-job and restarted.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ import pytest
 import cli as refit_cli
 from local_stack.torchserve import TorchServeProcess
 from refit.registry import Batching, Registry
-from refit.storage import S3Store
-from refit.trainer.v1 import trainer_pb2_grpc
+from refit.storage import S3Store, S3Uri, StorageSettings
+from refit.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
@@ -48,16 +51,26 @@ RUN_STATES = ("LOADING_DATA", "TRAINING", "EXPORTING", "PUBLISHING", "SUCCEEDED"
 pytestmark = pytest.mark.integration
 
 
-def trainer_settings(moto: MotoServer, bucket: str, ts: TorchServeProcess) -> TrainerSettings:
+def trainer_identity(moto: MotoServer, bucket: str, dataset: str) -> StorageSettings:
+    """The trainer's least-privilege identity for ``bucket``, reading datasets from
+    ``dataset``'s bucket (in production: the ``datasets`` bucket)."""
+    return moto.identity("trainer", bucket, datasets=S3Uri.parse(dataset).bucket)
+
+
+def trainer_settings(
+    moto: MotoServer, bucket: str, ts: TorchServeProcess, dataset: str
+) -> TrainerSettings:
     return TrainerSettings(
         grpc_address="127.0.0.1:0",
+        health_address="127.0.0.1:0",
         torchserve_inference=f"127.0.0.1:{ts.ports.grpc_inference}",
         torchserve_management=f"127.0.0.1:{ts.ports.grpc_management}",
+        torchserve_keys=ts.keys,
         bucket=bucket,
         device="cpu",
         loader_workers=0,  # tiny datasets: worker processes cost more than they save
         log_every=1,
-        storage=moto.settings,
+        storage=trainer_identity(moto, bucket, dataset),
     )
 
 
@@ -70,9 +83,9 @@ def dataset(moto_server: MotoServer) -> str:
 
 @pytest.fixture(scope="module")
 def trainer(
-    moto_server: MotoServer, refit_bucket: str, torchserve: TorchServeProcess
+    moto_server: MotoServer, refit_bucket: str, torchserve: TorchServeProcess, dataset: str
 ) -> Iterator[TrainerServer]:
-    server = build_server(trainer_settings(moto_server, refit_bucket, torchserve))
+    server = build_server(trainer_settings(moto_server, refit_bucket, torchserve, dataset))
     server.start()
     yield server
     server.stop()
@@ -86,7 +99,7 @@ def retrain_service(
     trainer: TrainerServer,
 ) -> Iterator[RefitServer]:
     settings = service_settings(
-        moto_server, refit_bucket, torchserve.ports, trainer_address=f"127.0.0.1:{trainer.port}"
+        moto_server, refit_bucket, torchserve, trainer_address=f"127.0.0.1:{trainer.port}"
     )
     refit = start_service(settings)
     yield refit
@@ -314,6 +327,18 @@ def test_list_jobs_filters_by_model_and_state(api, third) -> None:
     assert api.GetJob(pb.GetJobRequest(id=jobs[0].id)).id == jobs[0].id
 
 
+def test_each_published_job_deleted_its_checkpoint(
+    api, moto_server: MotoServer, refit_bucket: str, third
+) -> None:
+    """Each epoch wrote the job's checkpoint; the trainer's identity deleted it once the version
+    was published (trainer/jobs/runner.py), as its policy must allow."""
+    store = S3Store(moto_server.settings)
+    jobs = api.ListJobs(pb.ListJobsRequest(model="colours"), timeout=10).jobs
+    assert len(jobs) == 3
+    for job in jobs:
+        assert not list(store.list(refit_bucket, f"checkpoints/{job.id}/")), job.id
+
+
 # --- requests that must be refused ----------------------------------------------------------------
 
 
@@ -324,7 +349,9 @@ def test_list_jobs_filters_by_model_and_state(api, third) -> None:
         ({"dataset_uri": "/not/s3"}, "expected s3://BUCKET/PREFIX"),
         ({"base_version": "7"}, "has no version '7'"),
         ({"backbone": "resnet1000"}, "unknown backbone 'resnet1000'"),
-        ({"dataset_uri": "s3://no-such-bucket/x"}, "bucket 'no-such-bucket' does not exist"),
+        # The trainer's policy reads its own datasets bucket only: another bucket, existing or
+        # not, is refused to it.
+        ({"dataset_uri": "s3://no-such-bucket/x"}, "trainer may not read s3://no-such-bucket/"),
         ({"hyperparameters": pb.Hyperparameters(epochs=100000)}, "between 1 and 200"),
         ({"hyperparameters": pb.Hyperparameters(freeze=99)}, "freeze must be between -1 and 17"),
     ],
@@ -343,9 +370,7 @@ def test_trainer_down_is_unavailable_with_a_hint(
     moto_server: MotoServer, refit_bucket: str, torchserve: TorchServeProcess
 ) -> None:
     nowhere = f"127.0.0.1:{free_port()}"
-    settings = service_settings(
-        moto_server, refit_bucket, torchserve.ports, trainer_address=nowhere
-    )
+    settings = service_settings(moto_server, refit_bucket, torchserve, trainer_address=nowhere)
     refit = start_service(settings, wait_ready=False)
     try:
         with connect(refit.port) as channel:
@@ -392,23 +417,50 @@ def test_cancel_mid_training_and_one_active_job_per_model(api, dataset: str, thi
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_refit_gc_with_the_trainer_identity_removes_what_no_version_needs(
+    moto_server: MotoServer, refit_bucket: str, dataset: str, third
+) -> None:
+    """`refit gc` as an operator runs it in production: the trainer's identity in MINIO_*. v3
+    was deleted above (DeleteVersion keeps archives); its archive and weights are garbage."""
+    root = S3Store(moto_server.settings)
+    versions = Registry(root, refit_bucket).versions("colours")
+    assert [v.version for v in versions] == ["1", "2"]
+    needed = {v.archive_key for v in versions} | {v.lineage.weights_key for v in versions}
+    stored = {o.key for p in ("archives/colours/", "weights/colours/")
+              for o in root.list(refit_bucket, p)}  # fmt: skip
+    assert stored - needed  # v3's
+    env = {**trainer_identity(moto_server, refit_bucket, dataset).to_env(),
+           "REFIT_BUCKET": refit_bucket}  # fmt: skip
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), mock.patch.dict(os.environ, env):
+        code = refit_cli.main(["gc", "--json"])
+    assert code == 0, out.getvalue()
+    removed = json.loads(out.getvalue())
+    assert stored - needed <= {*removed["archives"], *removed["weights"]}
+    left = {o.key for p in ("archives/colours/", "weights/colours/")
+            for o in root.list(refit_bucket, p)}  # fmt: skip
+    assert left == needed
+
+
 # --- a trainer process killed mid-job -------------------------------------------------------------
 
 
 class TrainerProcess:
-    def __init__(self, moto: MotoServer, bucket: str, ts: TorchServeProcess, log: Path) -> None:
+    def __init__(
+        self, storage: StorageSettings, bucket: str, ts: TorchServeProcess, log: Path
+    ) -> None:
         self.port = free_port()
         self.log = log
         self.env = {
             **os.environ,
-            "MINIO_ENDPOINT": moto.settings.endpoint,
-            "MINIO_ACCESS_KEY": "test",
-            "MINIO_SECRET_KEY": "test",
+            **storage.to_env(),
             "REFIT_BUCKET": bucket,
             "REFIT_TRAINER_GRPC_ADDRESS": f"127.0.0.1:{self.port}",
+            "REFIT_TRAINER_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
             "REFIT_TRAINER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
             "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ts.ports.grpc_inference}",
             "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ts.ports.grpc_management}",
+            "REFIT_TORCHSERVE_KEYS": ts.keys,
             "REFIT_TRAINER_DEVICE": "cpu",
             "REFIT_TRAINER_LOADER_WORKERS": "1",  # DataLoader workers next to gRPC threads
             "REFIT_TRAINER_LOG_EVERY": "1",
@@ -432,11 +484,33 @@ class TrainerProcess:
             self.process.wait(30)
 
 
+def trainer_events(
+    stub: trainer_pb2_grpc.TrainerStub, job_id: str, timeout: float = 300
+) -> Iterator[pb.JobEvent]:
+    """One job's record, then its events until it ends, from the trainer's Subscribe stream
+    (the trainer has no per-job watch: each service replica fans this one stream out)."""
+    stream = stub.Subscribe(trainer_pb2.SubscribeRequest(), timeout=timeout)
+    try:
+        active = {job.id: job for job in next(stream).active.jobs}
+        if job_id not in active:  # it has ended: its record is all there is
+            yield pb.JobEvent(kind="snapshot", job=stub.GetJob(pb.GetJobRequest(id=job_id)))
+            return
+        yield pb.JobEvent(kind="snapshot", job=active[job_id])
+        for message in stream:
+            if message.event.job.id == job_id:
+                yield message.event
+                if message.event.job.state in (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED):
+                    return
+    finally:
+        stream.cancel()
+
+
 def test_trainer_killed_mid_job_resumes_from_its_checkpoint(
     moto_server: MotoServer, torchserve: TorchServeProcess, dataset: str, tmp_path: Path, third
 ) -> None:
     bucket = f"kill-{uuid.uuid4().hex[:8]}"
-    trainer = TrainerProcess(moto_server, bucket, torchserve, tmp_path / "trainer.log")
+    storage = trainer_identity(moto_server, bucket, dataset)
+    trainer = TrainerProcess(storage, bucket, torchserve, tmp_path / "trainer.log")
     hp = pb.Hyperparameters(epochs=3, batch_size=16, lr=3e-3, crop_size=SIZE)
     trainer.start()
     try:
@@ -444,14 +518,14 @@ def test_trainer_killed_mid_job_resumes_from_its_checkpoint(
             stub = trainer_pb2_grpc.TrainerStub(channel)
             job = stub.Submit(pb.RetrainRequest(model="killme", dataset_uri=dataset,
                                                 hyperparameters=hp), timeout=30)  # fmt: skip
-            for event in stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=300):
+            for event in trainer_events(stub, job.id):
                 if event.job.progress.epoch_end and event.job.progress.epoch == 1:
                     break  # epoch 1 is checkpointed
         trainer.kill()
         trainer.start()
         with grpc.insecure_channel(f"127.0.0.1:{trainer.port}") as channel:
             stub = trainer_pb2_grpc.TrainerStub(channel)
-            events = list(stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=300))
+            events = list(trainer_events(stub, job.id))
     finally:
         trainer.stop()
     final = events[-1].job

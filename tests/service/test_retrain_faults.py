@@ -19,16 +19,16 @@ import pytest
 
 from local_stack.torchserve import TorchServeProcess
 from refit.lineage import Lineage
-from refit.publish import Publisher
+from refit.publish import Publisher, PublishFailed
 from refit.registry import Registry
-from refit.storage import S3Store
+from refit.storage import S3Store, S3Uri
 from refit.torchserve import TorchServeClient
 from refit.trainer.v1 import trainer_pb2_grpc
 from refit.v1 import refit_pb2 as pb
 from tests.conftest import MotoServer
 from tests.faults import S3FaultProxy
 from tests.service.conftest import bucket_with_imagenet_archive
-from tests.service.test_retrain import trainer_settings
+from tests.service.test_retrain import trainer_events, trainer_settings
 from tests.trainer.synthetic import upload_colours
 from trainer.server import TrainerServer, build_server
 
@@ -86,11 +86,13 @@ def test_torchserve_down_when_a_job_reaches_publishing(
 ) -> None:
     """The version is recorded, the job waits and says so, and it is published once TorchServe
     returns: no training is lost."""
-    trainer = start_trainer(fast_retries(trainer_settings(moto_server, bucket, torchserve)))
+    trainer = start_trainer(
+        fast_retries(trainer_settings(moto_server, bucket, torchserve, dataset))
+    )
     try:
         stub = stub_for(trainer)
         job = submit(stub, "patient", dataset)
-        events = stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=600)
+        events = trainer_events(stub, job.id, timeout=600)
         for event in events:
             if event.job.state == pb.TRAINING:
                 torchserve.stop()  # long before publishing: no race with the job
@@ -124,16 +126,28 @@ def test_object_store_unreachable_mid_training_then_back(
     interrupts the job, which runs again from its checkpoint: tests/trainer/jobs/test_manager.py
     and the test below.)"""
     caplog.set_level(logging.WARNING, logger=READ_RETRIES)
-    settings = fast_retries(trainer_settings(moto_server, bucket, torchserve))
-    trainer = start_trainer(dataclasses.replace(settings, storage=s3_proxy.settings))
+    settings = fast_retries(trainer_settings(moto_server, bucket, torchserve, dataset))
+    trainer = start_trainer(
+        dataclasses.replace(settings, storage=s3_proxy.behind(settings.storage))
+    )
+    # Each image read takes 0.1 s, so epoch 2's reads span seconds: the cut meets one.
+    s3_proxy.slow_reads(f"/{S3Uri.parse(dataset).bucket}/", 0.1)
     try:
         stub = stub_for(trainer)
         job = submit(stub, "resilient", dataset)
-        events = stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=600)
+        events = trainer_events(stub, job.id, timeout=600)
         for event in events:
             if event.job.progress.epoch_end and event.job.progress.epoch == 1:
-                s3_proxy.cut()
                 break
+        # The epoch's checkpoint goes up after its event: cut once it is stored, so the outage
+        # meets the next epoch's reads (a failed checkpoint write would interrupt the job).
+        root = S3Store(moto_server.settings)
+        checkpoint = f"checkpoints/{job.id}/last.pt"
+        wait_deadline = time.monotonic() + 60
+        while root.stat(bucket, checkpoint) is None:
+            assert time.monotonic() < wait_deadline, "epoch 1's checkpoint never landed"
+            time.sleep(0.05)
+        s3_proxy.cut()
         deadline = time.monotonic() + 120
         while not [r for r in caplog.records if r.name == READ_RETRIES]:
             assert time.monotonic() < deadline, "no read met the outage"
@@ -141,6 +155,7 @@ def test_object_store_unreachable_mid_training_then_back(
         s3_proxy.restore()
         final = [e.job for e in events][-1]
     finally:
+        s3_proxy.slow_reads("", 0.0)
         s3_proxy.restore()
         trainer.stop()
     assert final.state == pb.SUCCEEDED, final.error
@@ -154,12 +169,16 @@ def test_object_store_gone_for_good_fails_the_job_with_the_reason(
     moto_server, torchserve, s3_proxy: S3FaultProxy, dataset, bucket, stub_for
 ) -> None:
     """A lasting outage: after its attempts the job fails, saying why; nothing is published."""
-    settings = fast_retries(trainer_settings(moto_server, bucket, torchserve), max_attempts=1)
-    trainer = start_trainer(dataclasses.replace(settings, storage=s3_proxy.settings))
+    settings = fast_retries(
+        trainer_settings(moto_server, bucket, torchserve, dataset), max_attempts=1
+    )
+    trainer = start_trainer(
+        dataclasses.replace(settings, storage=s3_proxy.behind(settings.storage))
+    )
     try:
         stub = stub_for(trainer)
         job = submit(stub, "doomed", dataset)
-        events = stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=600)
+        events = trainer_events(stub, job.id, timeout=600)
         for event in events:
             if event.job.state == pb.TRAINING:
                 s3_proxy.cut()
@@ -184,13 +203,15 @@ def test_a_publish_whose_store_write_is_refused_fails_and_keeps_the_default(
     registry = Registry(store, bucket)
     registry.add(dataclasses.replace(base, model="guarded", version="1", lineage=Lineage()))
     registry.set_default("guarded", "1")
-    settings = fast_retries(trainer_settings(moto_server, bucket, torchserve))
-    trainer = start_trainer(dataclasses.replace(settings, storage=s3_proxy.settings))
+    settings = fast_retries(trainer_settings(moto_server, bucket, torchserve, dataset))
+    trainer = start_trainer(
+        dataclasses.replace(settings, storage=s3_proxy.behind(settings.storage))
+    )
     s3_proxy.refuse_puts(f"/{bucket}/registry/")
     try:
         stub = stub_for(trainer)
         job = submit(stub, "guarded", dataset)
-        final = list(stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=600))[-1].job
+        final = list(trainer_events(stub, job.id, timeout=600))[-1].job
     finally:
         s3_proxy.refuse_puts(None)
         trainer.stop()
@@ -220,6 +241,7 @@ def test_a_version_stopped_between_loading_and_its_smoke_test_is_still_published
         f"127.0.0.1:{ports.grpc_inference}",
         f"127.0.0.1:{ports.grpc_management}",
         management_rest=f"127.0.0.1:{ports.management}",
+        keys=torchserve.key_source(),
     )
     try:
         decision = Publisher(store, bucket, client).publish(record, baseline=lambda _: None)
@@ -229,3 +251,28 @@ def test_a_version_stopped_between_loading_and_its_smoke_test_is_still_published
     assert decision.promote
     assert Registry(store, bucket).default_version(record.model) == record.version
     assert answer["predictions"][0]["label"] in record.class_names
+
+
+def test_a_publish_whose_archive_was_changed_never_reaches_torchserve(
+    moto_server: MotoServer, torchserve: TorchServeProcess, refit_bucket: str
+) -> None:
+    """The archive's content no longer hashes to its key (changed after the trainer stored it):
+    the publish fails before TorchServe is asked to load it, and nothing stays recorded."""
+    store, bucket, base = bucket_with_imagenet_archive(moto_server, refit_bucket, "changed")
+    model = f"changed-{uuid.uuid4().hex[:6]}"
+    key = Registry.archive_key(model, "0" * 64)
+    store.put(bucket, key, store.get(bucket, base.archive_key))  # a valid archive, wrong content
+    record = dataclasses.replace(base, model=model, archive_key=key, lineage=Lineage())
+    ports = torchserve.ports
+    client = TorchServeClient(
+        f"127.0.0.1:{ports.grpc_inference}",
+        f"127.0.0.1:{ports.grpc_management}",
+        keys=torchserve.key_source(),
+    )
+    try:
+        with pytest.raises(PublishFailed, match="changed after it was stored"):
+            Publisher(store, bucket, client).publish(record, baseline=lambda _: None)
+        assert all(model not in replica.model_names() for replica in client.replicas())
+    finally:
+        client.close()
+    assert list(Registry(store, bucket).versions(model)) == []

@@ -30,6 +30,8 @@ from tests.service.test_retrain import (
     TrainerProcess,
     retrain,
     states,
+    trainer_events,
+    trainer_identity,
     trainer_settings,
     watch,
 )
@@ -49,9 +51,10 @@ def dataset(moto_server: MotoServer) -> str:
 
 @pytest.fixture(scope="module")
 def trainer(
-    moto_server: MotoServer, refit_bucket: str, torchserve: TorchServeProcess
+    moto_server: MotoServer, refit_bucket: str, torchserve: TorchServeProcess, dataset: str
 ) -> Iterator[TrainerServer]:
-    settings = replace(trainer_settings(moto_server, refit_bucket, torchserve), processes_per_job=2)
+    settings = trainer_settings(moto_server, refit_bucket, torchserve, dataset)
+    settings = replace(settings, processes_per_job=2)
     server = build_server(settings)
     server.start()
     yield server
@@ -66,7 +69,7 @@ def api(
     trainer: TrainerServer,
 ) -> Iterator[refit_pb2_grpc.RefitStub]:
     settings = service_settings(
-        moto_server, refit_bucket, torchserve.ports, trainer_address=f"127.0.0.1:{trainer.port}"
+        moto_server, refit_bucket, torchserve, trainer_address=f"127.0.0.1:{trainer.port}"
     )
     refit: RefitServer = start_service(settings)
     with connect(refit.port) as channel:
@@ -136,7 +139,8 @@ def test_trainer_killed_mid_job_takes_its_processes_along_then_resumes(
     moto_server: MotoServer, torchserve: TorchServeProcess, dataset: str, tmp_path: Path
 ) -> None:
     bucket = f"kill2-{uuid.uuid4().hex[:8]}"
-    trainer = TrainerProcess(moto_server, bucket, torchserve, tmp_path / "trainer.log")
+    storage = trainer_identity(moto_server, bucket, dataset)
+    trainer = TrainerProcess(storage, bucket, torchserve, tmp_path / "trainer.log")
     trainer.env["REFIT_TRAINER_PROCESSES_PER_JOB"] = "2"
     trainer.env["REFIT_TRAINER_LOADER_WORKERS"] = "0"
     hp = pb.Hyperparameters(epochs=4, batch_size=2, lr=3e-3, crop_size=SIZE)  # 8 steps/epoch
@@ -146,7 +150,7 @@ def test_trainer_killed_mid_job_takes_its_processes_along_then_resumes(
             stub = trainer_pb2_grpc.TrainerStub(channel)
             job = stub.Submit(pb.RetrainRequest(model="duo-killed", dataset_uri=dataset,
                                                 hyperparameters=hp), timeout=30)  # fmt: skip
-            for event in stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=300):
+            for event in trainer_events(stub, job.id):
                 if event.job.progress.epoch_end and event.job.progress.epoch == 1:
                     break  # epoch 1 is checkpointed
         assert len(job_processes(job.id)) == 3  # torchrun's agent and two ranks
@@ -158,7 +162,7 @@ def test_trainer_killed_mid_job_takes_its_processes_along_then_resumes(
         trainer.start()
         with grpc.insecure_channel(f"127.0.0.1:{trainer.port}") as channel:
             stub = trainer_pb2_grpc.TrainerStub(channel)
-            events = list(stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=300))
+            events = list(trainer_events(stub, job.id))
     finally:
         trainer.stop()
     final = events[-1].job

@@ -133,9 +133,7 @@ def test_client_deadline(stub: refit_pb2_grpc.RefitStub, coffee_jpeg: bytes) -> 
 
 
 def test_upstream_deadline(moto_server, refit_bucket, torchserve, coffee_jpeg) -> None:
-    settings = service_settings(
-        moto_server, refit_bucket, torchserve.ports, upstream_timeout_s=1e-4
-    )
+    settings = service_settings(moto_server, refit_bucket, torchserve, upstream_timeout_s=1e-4)
     refit = start_service(settings, wait_ready=False)
     try:
         with connect(refit.port) as channel:

@@ -84,10 +84,9 @@ def service_process(
         "REFIT_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
         "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ts.ports.grpc_inference}",
         "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ts.ports.grpc_management}",
+        "REFIT_TORCHSERVE_KEYS": ts.keys,
         "REFIT_TRAINER_ADDRESS": f"127.0.0.1:{free_port()}",  # none: not needed here
-        "MINIO_ENDPOINT": moto.settings.endpoint,
-        "MINIO_ACCESS_KEY": "test",
-        "MINIO_SECRET_KEY": "test",
+        **moto.identity("service", bucket).to_env(),
         "REFIT_BUCKET": bucket,
         "REFIT_ADMIN_TOKEN": ADMIN_TOKEN,
         "REFIT_PREDICT_TOKEN": PREDICT_TOKEN,
@@ -117,7 +116,9 @@ def services(
             process.wait(30)
         ports = torchserve.ports
         client = TorchServeClient(
-            f"127.0.0.1:{ports.grpc_inference}", f"127.0.0.1:{ports.grpc_management}"
+            f"127.0.0.1:{ports.grpc_inference}",
+            f"127.0.0.1:{ports.grpc_management}",
+            keys=torchserve.key_source(),
         )
         # TorchServe refuses to unregister its default version while others exist, and which
         # version it holds as default when the services stop depends on their last reconcile

@@ -11,9 +11,7 @@ TorchServe here is this module's own, so its describe answers show this module's
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,7 +26,8 @@ from refit.storage import S3Store
 from refit.torchserve import TorchServeClient
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
-from service.catalog import ModelCatalog, Reconciler
+from service.catalog import ModelCatalog
+from service.reconciler import Reconciler
 from service.server import RefitServer
 from tests.conftest import MotoServer
 from tests.faults import S3FaultProxy
@@ -73,7 +72,7 @@ def service(
     settings = service_settings(
         moto_server,
         bucket[1],
-        own_torchserve.ports,
+        own_torchserve,
         idle_worker_s=IDLE_S,
         candidate_warm_s=0.0,  # the records were written just now: no candidate grace here
         watch_interval_s=0.5,
@@ -91,11 +90,7 @@ def api(service: RefitServer) -> Iterator[refit_pb2_grpc.RefitStub]:
 
 def describe(process: TorchServeProcess, version: str = "") -> dict:
     """TorchServe's own answer (REST describe); no version: its default version."""
-    path = f"/models/{MODEL}/{version}" if version else f"/models/{MODEL}"
-    url = f"http://127.0.0.1:{process.ports.management}{path}"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        (answer,) = json.load(response)
-    return answer
+    return process.describe(MODEL, version)
 
 
 def workers(process: TorchServeProcess) -> dict[str, int]:
@@ -170,6 +165,7 @@ def test_a_pass_where_nothing_changed_only_looks(
         f"127.0.0.1:{ports.grpc_inference}",
         f"127.0.0.1:{ports.grpc_management}",
         observe=lambda call, seconds, error: calls.update([call]),
+        keys=own_torchserve.key_source(),
     )
     try:
         reconciler = Reconciler(ModelCatalog(Registry(store, name)), store, name, client)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from refit.errors import InvalidArgument
 from refit.identifiers import check_version
 from refit.registry import ModelNotFound, Registry
-from refit.storage import NoSuchBucket, ObjectStore, S3Uri
+from refit.storage import AccessDenied, NoSuchBucket, ObjectStore, S3Uri
 from trainer.config import NO_FREEZE, TrainConfig
 
 
@@ -59,6 +59,12 @@ def check_dataset(store: ObjectStore, uri: str) -> None:
         raise InvalidArgument(
             f"dataset_uri: bucket {location.bucket!r} does not exist; upload the dataset first "
             f"(`refit dataset upload DIR {uri}`)"
+        ) from exc
+    except AccessDenied as exc:
+        # The store answers so for a bucket outside the trainer's policy, existing or not.
+        raise InvalidArgument(
+            f"dataset_uri: the object store says the trainer may not read {uri}; upload the "
+            "dataset to a bucket the trainer's policy reads (`datasets` in the shipped policies)"
         ) from exc
     if first is None:
         raise InvalidArgument(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from refit.errors import RefitError
 from refit.registry import RegistryError
-from refit.storage import NoSuchBucket, NoSuchObject, StorageError
+from refit.storage import AccessDenied, NoSuchBucket, NoSuchObject, StorageError
 from trainer.jobs.records import JobCancelled, JobFailed, JobInterrupted
 
 
@@ -32,11 +32,12 @@ def training_error(exc: BaseException) -> RefitError | None:
 
 def is_outage(exc: BaseException) -> bool:
     """The object store did not answer (connection refused or reset, timeouts, 5xx, reads that
-    ran out of retries): worth running the job again later, unlike a refusal or a missing key."""
+    ran out of retries): worth running the job again later, unlike a refusal (the identity's
+    policy) or a missing key."""
     from trainer.data.errors import ReadFailed
     from trainer.data.retry import is_transient
 
-    if isinstance(exc, NoSuchObject | NoSuchBucket):
+    if isinstance(exc, NoSuchObject | NoSuchBucket | AccessDenied):
         return False
     return isinstance(exc, ReadFailed | StorageError) or is_transient(exc)
 

@@ -5,7 +5,11 @@ Durability: every state change is written through ``JobStore``. On start, ``reco
 that a restart interrupted back at the head of the queue (the runner resumes them from their
 checkpoint), and gives up on a job after ``max_attempts`` interruptions. A job whose runner
 reports a passing outage (``JobInterrupted``: the object store is unreachable) runs again from
-its checkpoint after a backoff, within the same ``max_attempts``.
+its checkpoint after a backoff, within the same ``max_attempts``. Cancelling a queued job answers
+only once its CANCELLED record is stored (memory changes after the store does): were it lost, a
+restart would run the job and gc would keep its model's files forever. If that write fails the
+cancel fails UNAVAILABLE and the job stays queued in its place; while the write is under way the
+worker does not start it (nor, to keep the order, the jobs behind it).
 
 Bounds: at most ``max_queued`` jobs wait (more: RESOURCE_EXHAUSTED); the newest ``history`` ended
 jobs stay in memory, older ones are read back from the store when asked for. Store writes happen
@@ -27,7 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from refit import logs
-from refit.errors import AlreadyExists, NotFound
+from refit.errors import AlreadyExists, NotFound, Unavailable
 from trainer import metrics
 from trainer.jobs.records import (
     CANCELLED,
@@ -110,6 +114,7 @@ class JobManager:
         self._jobs: dict[str, JobRecord] = {}
         self._queue: list[str] = []
         self._cancels: dict[str, threading.Event] = {}
+        self._cancelling: set[str] = set()  # queued jobs whose CANCELLED record is being written
         self._cond = threading.Condition()  # guards the fields above; never held for I/O
         self._save_lock = threading.Lock()  # one store writer at a time: records land in order
         self._events: deque[tuple[int, str, JobRecord]] = deque(maxlen=EVENT_LOG_SIZE)
@@ -214,51 +219,106 @@ class JobManager:
         return jobs[:limit]
 
     def cancel(self, job_id: str) -> JobRecord:
+        """A running job is told to stop (it ends CANCELLED at its next batch); a queued one ends
+        CANCELLED here, in the store before in memory, so that a restart cannot run it."""
         with self._cond:
             known = job_id in self._jobs
         if not known:  # a job that left memory has ended long ago (or never was: NOT_FOUND)
             raise TooLateToCancel(f"job {job_id} already ended ({self._from_store(job_id).state})")
         with self._cond:
-            job = self._require(job_id)
-            if job.terminal:
-                raise TooLateToCancel(f"job {job_id} already ended ({job.state})")
-            if job.state in (EXPORTING, PUBLISHING):
-                raise TooLateToCancel(f"job {job_id} is {job.state}: training is over")
-            if job.state != QUEUED:
-                self._cancels[job_id].set()  # the runner stops at the next batch
+            if self._stop_running(job_id):
                 return self._snapshot(job_id)
-            if job_id in self._queue:
-                self._queue.remove(job_id)
-                metrics.TRAINER_QUEUE_LENGTH.set(len(self._queue))
-            self._apply(job, {"state": CANCELLED, "error": "cancelled while queued",
-                              "finished_at": now()}, kind="state")  # fmt: skip
+        with self._save_lock:  # our write lands in order with the job's others
+            with self._cond:
+                if self._stop_running(job_id):  # the worker started it while we waited
+                    return self._snapshot(job_id)
+                self._cancelling.add(job_id)  # the worker must not start it while it is written
+                cancelled = self._snapshot(job_id)
+            try:
+                self._cancel_queued(cancelled)
+            finally:
+                with self._cond:
+                    self._cancelling.discard(job_id)
+                    self._cond.notify_all()  # the worker may start the next job
         self._ended(job_id)
         return self.get(job_id)
 
-    def follow(
-        self, job_id: str | None, alive: Callable[[], bool]
-    ) -> Iterator[tuple[str, JobRecord]]:
-        """One job's snapshot then its events until it ends; or (job_id None) every job's state
-        changes until ``alive()`` turns false."""
+    def _stop_running(self, job_id: str) -> bool:
+        """Lock held. Tells a running job to stop (True); False: the job is queued; raises when it
+        is too late to cancel."""
+        job = self._require(job_id)
+        if job.terminal:
+            raise TooLateToCancel(f"job {job_id} already ended ({job.state})")
+        if job.state in (EXPORTING, PUBLISHING):
+            raise TooLateToCancel(f"job {job_id} is {job.state}: training is over")
+        if job.state == QUEUED:
+            return False
+        self._cancels[job_id].set()  # the runner stops at the next batch
+        return True
+
+    def _cancel_queued(self, job: JobRecord) -> None:
+        """``_save_lock`` held, ``job`` a snapshot: writes it CANCELLED, then (only once that is
+        stored) takes it out of the queue. A failed write changes nothing."""
+        fields = {"state": CANCELLED, "error": "cancelled while queued", "finished_at": now()}
+        _change(job, fields)
+        try:
+            self.store.save(job)
+        except Exception as exc:
+            cause = getattr(exc, "message", None) or repr(exc)
+            log.warning("job %s: cancel not saved (%s); the job stays queued", job.id, cause)
+            raise Unavailable(
+                f"nothing was cancelled: the object store did not record the cancel of job "
+                f"{job.id} ({cause}); it is still QUEUED in its place: retry the cancel"
+            ) from exc
+        with self._cond:
+            if job.id in self._queue:  # not when its submit() is still to queue it
+                self._queue.remove(job.id)
+                metrics.TRAINER_QUEUE_LENGTH.set(len(self._queue))
+            self._apply(self._require(job.id), fields, kind="state")
+
+    def follow(self, job_id: str, alive: Callable[[], bool]) -> Iterator[tuple[str, JobRecord]]:
+        """One job's snapshot then its events until it ends (or ``alive()`` turns false)."""
         with self._cond:
             cursor = self._seq
             first = self._snapshot(job_id) if job_id in self._jobs else None
-        if job_id is not None:
-            first = first or self._from_store(job_id)
-            yield "snapshot", first
-            if first.terminal:
-                return
+        first = first or self._from_store(job_id)
+        yield "snapshot", first
+        if first.terminal:
+            return
+        for kind, record in self._log_after(cursor, alive):
+            if record.id == job_id:
+                yield kind, record
+                if record.terminal:
+                    return
+
+    def subscribe(
+        self, alive: Callable[[], bool]
+    ) -> tuple[list[JobRecord], Iterator[tuple[str, JobRecord]]]:
+        """Every active job's record, and every job's events after them (state, detail,
+        progress) in order until ``alive()`` turns false. Both are taken under one lock: no event
+        falls between them. A subscriber that falls EVENT_LOG_SIZE events behind gets
+        ``Unavailable`` (it subscribes again) instead of a silent gap."""
+        with self._cond:
+            active = [copy.deepcopy(j) for j in self._jobs.values() if not j.terminal]
+            cursor = self._seq
+        return active, self._log_after(cursor, alive, gapless=True)
+
+    def _log_after(
+        self, cursor: int, alive: Callable[[], bool], *, gapless: bool = False
+    ) -> Iterator[tuple[str, JobRecord]]:
+        """The event log after ``cursor``, waiting for more while ``alive()``."""
         while alive() and not self._stop.is_set():
             with self._cond:
                 self._cond.wait_for(functools.partial(self._news_after, cursor), timeout=1)
                 new = [e for e in self._events if e[0] > cursor]
+                if gapless and new and new[0][0] > cursor + 1:
+                    raise Unavailable(
+                        f"the subscriber fell more than {EVENT_LOG_SIZE} job events behind; "
+                        "subscribe again"
+                    )
                 cursor = self._seq
             for _, kind, record in new:
-                if (job_id is None and kind != "state") or job_id not in (None, record.id):
-                    continue
                 yield kind, record
-                if job_id is not None and record.terminal:
-                    return
 
     def _news_after(self, cursor: int) -> bool:
         return self._seq > cursor or self._stop.is_set()
@@ -268,8 +328,8 @@ class JobManager:
     def _work(self) -> None:
         while not self._stop.is_set():
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._stop.is_set(), timeout=1)
-                if self._stop.is_set() or not self._queue:
+                self._cond.wait_for(lambda: self._startable() or self._stop.is_set(), timeout=1)
+                if self._stop.is_set() or not self._startable():
                     continue
                 job_id = self._queue.pop(0)
                 metrics.TRAINER_QUEUE_LENGTH.set(len(self._queue))
@@ -281,6 +341,11 @@ class JobManager:
             with logs.bound(logs.job_id, job_id):  # every log line of the job carries its id
                 self._persist(job_id)
                 self._run(job_id, cancel)
+
+    def _startable(self) -> bool:
+        """Lock held. The next job may start: it is not being cancelled (the order of the queue
+        holds: the jobs behind wait for the outcome of that cancel)."""
+        return bool(self._queue) and self._queue[0] not in self._cancelling
 
     def _run(self, job_id: str, cancel: threading.Event) -> None:
         try:
@@ -359,12 +424,10 @@ class JobManager:
 
     def _apply(self, record: JobRecord, fields: dict, kind: str = "") -> None:
         # Called with the lock held.
-        for name, value in fields.items():
-            setattr(record, name, value)
-        if "state" in fields:
-            record.entered[fields["state"]] = now()
-            if record.terminal:  # in the same step: no reader sees more than `history` ended
-                self._forget_old(keep=record.id)
+        _change(record, fields)
+        if record.terminal and "state" in fields:
+            # In the same step: no reader sees more than `history` ended jobs.
+            self._forget_old(keep=record.id)
         if kind:
             self._emit(kind, record)
 
@@ -414,3 +477,12 @@ class JobManager:
 
     def _snapshot(self, job_id: str) -> JobRecord:
         return copy.deepcopy(self._require(job_id))
+
+
+def _change(record: JobRecord, fields: dict) -> None:
+    """Sets ``fields``; a new state is stamped with its entry time (an end: its ``finished_at``,
+    so that a record written before memory changes carries the same times)."""
+    for name, value in fields.items():
+        setattr(record, name, value)
+    if "state" in fields:
+        record.entered[fields["state"]] = fields.get("finished_at") or now()

@@ -7,14 +7,23 @@ from dataclasses import dataclass, field
 
 from refit.registry import Batching
 from refit.storage import StorageSettings
+from refit.torchserve.keys import key_source
+from refit.torchserve.targets import Targets
 
 
 @dataclass(frozen=True)
 class TrainerSettings:
     grpc_address: str = "127.0.0.1:50052"
+    # grpc.health.v1 on a server and threads of its own: nothing the job API does can starve it.
+    health_address: str = "127.0.0.1:50053"
+    # Subscribe streams at once (each service replica holds one); more: RESOURCE_EXHAUSTED.
+    # Unary calls have threads of their own beside them (trainer/server.py).
+    max_streams: int = 8
     metrics_address: str = "127.0.0.1:9102"
     torchserve_inference: str = "127.0.0.1:7070"
     torchserve_management: str = "127.0.0.1:7071"
+    # Where each TorchServe replica's keys are (refit/torchserve/keys.py), as for the service
+    torchserve_keys: str = ""
     bucket: str = "refit"
     gate_margin: float = 0.0  # a candidate needs val_accuracy >= default's + this
     device: str = "auto"
@@ -36,9 +45,16 @@ class TrainerSettings:
     storage: StorageSettings = field(default_factory=StorageSettings)
 
     def __post_init__(self) -> None:
+        targets = Targets.parse(self.torchserve_inference, self.torchserve_management)
+        key_source(self.torchserve_keys, targets, lambda key: b"")  # ValueError: bad keys
         if self.processes_per_job < 1:
             raise ValueError(
                 f"REFIT_TRAINER_PROCESSES_PER_JOB must be 1 or more, got {self.processes_per_job}"
+            )
+        if self.max_streams < 1:
+            raise ValueError(
+                f"REFIT_TRAINER_MAX_STREAMS must be 1 or more (one per service replica), got "
+                f"{self.max_streams}"
             )
         if self.checkpoint_interval_s < 0:
             raise ValueError(
@@ -52,9 +68,12 @@ class TrainerSettings:
         d = cls()
         return cls(
             grpc_address=env.get("REFIT_TRAINER_GRPC_ADDRESS", d.grpc_address),
+            health_address=env.get("REFIT_TRAINER_HEALTH_ADDRESS", d.health_address),
+            max_streams=int(env.get("REFIT_TRAINER_MAX_STREAMS", d.max_streams)),
             metrics_address=env.get("REFIT_TRAINER_METRICS_ADDRESS", d.metrics_address),
             torchserve_inference=env.get("REFIT_TORCHSERVE_INFERENCE", d.torchserve_inference),
             torchserve_management=env.get("REFIT_TORCHSERVE_MANAGEMENT", d.torchserve_management),
+            torchserve_keys=env.get("REFIT_TORCHSERVE_KEYS", d.torchserve_keys),
             bucket=env.get("REFIT_BUCKET", d.bucket),
             gate_margin=float(env.get("REFIT_GATE_MARGIN", d.gate_margin)),
             device=env.get("REFIT_TRAINER_DEVICE", d.device),

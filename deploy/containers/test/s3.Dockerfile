@@ -1,7 +1,9 @@
 # MinIO stand-in, for the container test only (docker-compose.test.yml): no MinIO image or
-# binary can be obtained where this project is tested. moto's S3 server speaks the S3 protocol
-# but has no authentication, no admin API and no persistence. The image also carries awscli,
-# the ordinary S3 client the test uploads its dataset with. Pins: pyproject.toml, s3-standin.
+# binary can be obtained where this project is tested. s3_standin.py is moto's S3 server (memory
+# only) with what MinIO adds that refit relies on: SigV4 authentication, per-identity policies,
+# presigned URLs, the admin calls minio-init makes, and MinIO's liveness path. The image also
+# carries awscli, the ordinary S3 client the test uploads its dataset with. Pins: pyproject.toml,
+# s3-standin.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # Its pins alone, so that other changes to pyproject.toml do not reinstall it.
@@ -23,10 +25,12 @@ RUN /opt/venv/bin/pip install -r /build/s3.txt
 
 FROM ${BASE_IMAGE}
 COPY --from=installer /opt/venv /opt/venv
+COPY deploy/containers/test/s3_standin.py /opt/s3_standin.py
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 USER 65534:65534
 EXPOSE 9000
 HEALTHCHECK --interval=5s --timeout=5s --retries=12 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9000/', timeout=3)"]
-CMD ["moto_server", "-H", "0.0.0.0", "-p", "9000"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9000/minio/health/live', timeout=3)"]
+# The root identity comes from MINIO_ROOT_USER and MINIO_ROOT_PASSWORD, as MinIO's does.
+CMD ["python", "/opt/s3_standin.py", "--host", "0.0.0.0", "--port", "9000"]

@@ -6,12 +6,19 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import pytest
 
-from refit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from refit.storage import FileStore
+from refit.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from refit.storage import FileStore, StoreUnreachable
 from trainer.jobs import manager as manager_module
 from trainer.jobs.manager import JobContext, JobManager
 from trainer.jobs.records import (
@@ -252,24 +259,32 @@ def test_a_cancel_between_the_workers_pop_and_its_start_is_not_lost(
         manager.stop()
 
 
-class SlowStore(JobStore):
-    """Saves block while ``gate`` is clear: a store that stalls."""
+class FaultyStore(JobStore):
+    """A store that stalls or fails: the saves that ``affects`` picks (all by default) block while
+    ``gate`` is clear, then raise while ``refusing`` (as an unreachable object store does)."""
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(
+        self, store: JobStore, affects: Callable[[JobRecord], bool] = lambda record: True
+    ) -> None:
         super().__init__(store.store, store.bucket)
+        self.affects = affects
         self.gate = threading.Event()
         self.gate.set()
         self.stalled = threading.Event()  # a save is waiting at the closed gate
+        self.refusing = False
 
     def save(self, record: JobRecord) -> None:
-        if not self.gate.is_set():
-            self.stalled.set()
-        self.gate.wait(30)
+        if self.affects(record):
+            if not self.gate.is_set():
+                self.stalled.set()
+            self.gate.wait(30)
+            if self.refusing:
+                raise StoreUnreachable("the object store at 127.0.0.1:9 is unreachable")
         super().save(record)
 
 
 def test_readers_do_not_wait_for_a_stalled_store_write(jobs: JobStore, runner) -> None:
-    store = SlowStore(jobs)
+    store = FaultyStore(jobs)
     manager = JobManager(store, runner)
     manager.start()
     try:
@@ -367,3 +382,147 @@ def test_a_running_job_says_what_it_waits_for(manager, runner) -> None:
 
 def jobs_in_store(manager: JobManager) -> dict[str, JobRecord]:
     return {r.id: r for r in manager.store.load_all()}
+
+
+# --- a cancelled queued job stays cancelled (issue 23) -------------------------------------------
+
+
+@pytest.fixture(params=["file", "s3"])
+def durable_jobs(request: pytest.FixtureRequest) -> JobStore:
+    """Job records on each real backend: the embedded FileStore, and the S3 test server."""
+    if request.param == "file":
+        return request.getfixturevalue("jobs")
+    return JobStore(request.getfixturevalue("s3_store"), request.getfixturevalue("bucket"))
+
+
+def test_a_cancelled_queued_job_stays_cancelled_after_a_restart(durable_jobs: JobStore) -> None:
+    """The cancel of a queued job used to change memory only: after a restart the job trained."""
+    first = ScriptedRunner()
+    before = JobManager(durable_jobs, first)
+    before.start()
+    try:
+        running = before.submit(request("a"))
+        wait_state(before, running.id, TRAINING)
+        queued = before.submit(request("b"))
+        assert before.cancel(queued.id).state == CANCELLED
+    finally:
+        before.stop()  # like a kill: nothing more is written
+
+    second = ScriptedRunner()
+    after = JobManager(durable_jobs, second)
+    after.start()
+    try:
+        assert after.get(queued.id).state == CANCELLED
+        assert jobs_in_store(after)[queued.id].error == "cancelled while queued"
+        second.release.set()
+        wait_state(after, running.id, SUCCEEDED)
+        later = after.submit(request("c"))  # runs after anything still queued: b, were it
+        wait_state(after, later.id, SUCCEEDED)
+        assert second.started == ["a", "c"]
+    finally:
+        second.release.set()
+        after.stop()
+
+
+def test_a_queued_cancel_the_store_refuses_changes_nothing(jobs: JobStore, runner) -> None:
+    store = FaultyStore(jobs, affects=lambda record: record.state == CANCELLED)
+    manager = JobManager(store, runner)
+    manager.start()
+    try:
+        running = manager.submit(request("a"))
+        wait_state(manager, running.id, TRAINING)
+        queued, behind = manager.submit(request("b")), manager.submit(request("c"))
+        store.refusing = True
+        with pytest.raises(Unavailable) as caught:
+            manager.cancel(queued.id)
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        message = caught.value.message
+        assert "nothing was cancelled" in message and "retry" in message, message
+        assert "127.0.0.1:9 is unreachable" in message, message  # the cause, for the operator
+        job = manager.get(queued.id)
+        assert (job.state, job.error, job.finished_at) == (QUEUED, "", 0.0)
+        assert CANCELLED not in job.entered
+        assert manager.queue_position(queued.id) == 1 and manager.queue_position(behind.id) == 2
+        assert jobs_in_store(manager)[queued.id].state == QUEUED
+
+        store.refusing = False  # the store is back: the retried cancel succeeds
+        assert manager.cancel(queued.id).state == CANCELLED
+        assert jobs_in_store(manager)[queued.id].state == CANCELLED
+        assert manager.queue_position(behind.id) == 1
+        runner.release.set()
+        wait_state(manager, behind.id, SUCCEEDED)
+        assert runner.started == ["a", "c"]
+    finally:
+        store.gate.set()
+        runner.release.set()
+        manager.stop()
+
+
+class WorkerWatch(threading.Condition):
+    """The manager's condition, noting when its worker thread goes to wait although jobs are
+    queued: it found none it may start."""
+
+    def __init__(self, manager: JobManager) -> None:
+        super().__init__()
+        self.manager = manager
+        self.held_back = False
+
+    def wait_for(self, predicate: Callable[[], object], timeout: float | None = None) -> object:
+        worker = threading.current_thread().name == "job-worker"
+        if worker and self.manager._queue and not predicate():
+            self.held_back = True
+            self.notify_all()
+        return super().wait_for(predicate, timeout)
+
+
+def test_the_worker_never_starts_a_job_whose_cancel_is_being_written(
+    jobs: JobStore, runner: ScriptedRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job whose CANCELLED record is on its way to the store must not start meanwhile: the
+    store would say CANCELLED (gc removes its work; a restart skips it) while it trains."""
+    store = FaultyStore(jobs, affects=lambda record: record.state == CANCELLED)
+    manager = JobManager(store, runner)
+    watch = manager._cond = WorkerWatch(manager)
+    running = manager.submit(request("a"))
+    queued = manager.submit(request("b"))
+    outcome: list = []
+
+    def cancel_queued() -> None:
+        try:
+            outcome.append(manager.cancel(queued.id).state)
+        except Exception as exc:
+            outcome.append(exc)
+
+    canceller = threading.Thread(target=cancel_queued)
+    ended = manager._ended
+
+    def cancel_when_a_ends(job_id: str) -> None:  # in the worker, between two jobs
+        ended(job_id)
+        if job_id == running.id:
+            store.gate.clear()
+            canceller.start()
+            store.stalled.wait(10)  # the cancel is being written
+
+    monkeypatch.setattr(manager, "_ended", cancel_when_a_ends)
+    manager.start()
+    try:
+        wait_state(manager, running.id, TRAINING)
+        runner.release.set()
+        with watch:  # the worker waits (right) or starts b (wrong): whichever comes first
+            watch.wait_for(
+                lambda: watch.held_back or manager._jobs[queued.id].state != QUEUED, timeout=10
+            )
+        assert store.stalled.is_set(), "the cancel never wrote to the store"
+        assert manager.get(queued.id).state == QUEUED and watch.held_back
+        store.gate.set()
+        canceller.join(10)
+        assert outcome == [CANCELLED]
+        job = jobs_in_store(manager)[queued.id]
+        assert job.state == CANCELLED and LOADING_DATA not in job.entered
+        later = manager.submit(request("c"))
+        wait_state(manager, later.id, SUCCEEDED)
+        assert runner.started == ["a", "c"]
+    finally:
+        store.gate.set()
+        runner.release.set()
+        manager.stop()

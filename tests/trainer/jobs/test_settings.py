@@ -35,3 +35,13 @@ def test_mid_epoch_checkpoint_interval_from_the_environment_reaches_each_job() -
     assert train_config(request, settings).checkpoint_interval_s == 30.0
     with pytest.raises(ValueError, match="REFIT_TRAINER_CHECKPOINT_INTERVAL_S"):
         TrainerSettings.from_env({"REFIT_TRAINER_CHECKPOINT_INTERVAL_S": "-1"})
+
+
+def test_health_address_and_stream_cap_from_the_environment() -> None:
+    defaults = TrainerSettings.from_env({})
+    assert (defaults.health_address, defaults.max_streams) == ("127.0.0.1:50053", 8)
+    env = {"REFIT_TRAINER_HEALTH_ADDRESS": "0.0.0.0:50053", "REFIT_TRAINER_MAX_STREAMS": "2"}
+    settings = TrainerSettings.from_env(env)
+    assert (settings.health_address, settings.max_streams) == ("0.0.0.0:50053", 2)
+    with pytest.raises(ValueError, match="REFIT_TRAINER_MAX_STREAMS must be 1 or more"):
+        TrainerSettings.from_env({"REFIT_TRAINER_MAX_STREAMS": "0"})
