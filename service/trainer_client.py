@@ -1,7 +1,8 @@
 """The one module that talks to the trainer process, through its internal gRPC API.
 
 The trainer's own status codes (ALREADY_EXISTS naming the active job, NOT_FOUND...) pass through
-unchanged as domain errors; an unreachable trainer becomes UNAVAILABLE with a hint.
+unchanged as domain errors; UNAVAILABLE (the trainer unreachable, or its own passing trouble)
+keeps the trainer's words, with a hint.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ class TrainerClient:
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
             if code == grpc.StatusCode.UNAVAILABLE:
+                # The trainer out of reach, or its own passing trouble (the store, for one):
+                # either way nothing was done, and a retry is the remedy.
                 raise Unavailable(
-                    f"the trainer at {self.target} is unreachable ({details}); retry shortly"
+                    f"the trainer at {self.target} could not take the call ({details}); "
+                    "retry shortly"
                 ) from exc
             if code == grpc.StatusCode.CANCELLED:
                 raise TrainerError("the subscription was cancelled", code) from exc

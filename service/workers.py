@@ -21,24 +21,9 @@ README *Workers*), so a worker per published version makes memory grow with ever
   whose new version loses its worker to a default starts it again for its smoke test
   (refit.publish).
 
-Use, for idleness and for the least recently used, is read from TorchServe's own per-version
-inference counters (``ts_inference_requests_total``, REFIT_TORCHSERVE_METRICS), which every
-service replica's Predicts (and the publisher's smoke tests) move: each replica judging from its
-own Predicts stopped, every idle period, versions another replica was serving (issue 23).
-TorchServe counts every request it receives before queueing it, so the counters are one truth
-every replica reads the same way, cost one GET per TorchServe replica per housekeeping pass, and
-need no write; recording use in the registry instead would put an object-store write on every
-Predict (or every pass, per version, per service replica) and still lag by that interval. Each
-pass (``stop_idle``) reads every TorchServe replica's counters; a version whose count moved on
-any replica since the previous read was used then. A count that went down is a restarted
-replica, whose count since its start is new use; a replica read for the first time counts what
-it shows as use. A start is a use too, whoever made it: a Predict waiting for a worker reaches
-the counters only once it is up, so before stopping a version as idle the pass asks every
-replica for its workers (TorchServe's describe): one still starting, or started within
-``idle_s``, keeps it. If any replica's counters, or its workers, cannot be read, nothing is
-stopped as idle on that account that round: the unread replica may be the one serving it
-(logged, and counted in ``refit_worker_usage_reads_total``). Without REFIT_TORCHSERVE_METRICS
-each replica judges from its own Predicts, as before, with a warning at start.
+Use, for idleness and for the least recently used, is read from TorchServe itself when
+REFIT_TORCHSERVE_METRICS is set (``SharedUse``, service/worker_use.py), so every service replica
+judges it the same way; without it, from this replica's own Predicts, with a warning at start.
 
 The rest of the state is this service's view, rebuilt from TorchServe on every reconcile pass
 (``observe``); a version it has not seen yet is assumed to have a worker, and a Predict that
@@ -60,10 +45,9 @@ from dataclasses import dataclass, field
 from refit.errors import DeadlineExceeded, RefitError, ResourceExhausted, Unavailable
 from refit.torchserve import TorchServeClient
 from service import metrics
+from service.worker_use import Key, SharedUse
 
 log = logging.getLogger(__name__)
-Key = tuple[str, str]  # (model, version)
-Counts = dict[str, dict[Key, float]]  # TorchServe replica -> inference requests per version
 
 
 @dataclass(frozen=True)
@@ -116,8 +100,7 @@ class Workers:
         self._last_used: dict[Key, float] = {}
         self._moves: dict[Key, _Move] = {}
         self._in_flight: Counter[Key] = Counter()
-        self._counts: Counts = {}  # the housekeeping thread's last read of the counters
-        self._counts_readable = True
+        self.use = SharedUse(torchserve, self.policy, clock, wall)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="scale")
         if not self.can_stop:
             log.warning(
@@ -305,28 +288,14 @@ class Workers:
         ]
 
     def _unused_by_a_start(self, key: Key) -> bool:
-        """A start is a use: the caller that asked for it (through any service replica, or the
-        publisher) moves the counters only once the worker is up, and may wait longer than
-        ``idle_s``. So a worker still starting (within ``scale_up_timeout_s``) is used now, and
-        one started within ``idle_s`` was used then. True when neither holds on any replica;
-        False too when some replica cannot describe it (never stopped on part of the truth)."""
-        try:
-            served = self.torchserve.describe(*key)
-        except RefitError as exc:
-            log.info("not stopping %s v%s as idle this round: %s", *key, exc.message)
-            return False
-        now, wall = self.clock(), self.wall()
-        used = None
-        for version in filter(None, served):
-            age = max(wall - version.started_at, 0.0)
-            if version.starting and age < self.policy.scale_up_timeout_s:
-                used = now
-            elif age < self.policy.idle_s:
-                used = max(used or 0.0, now - age)
+        """True when no replica started the version's worker recently (``SharedUse``); False
+        too when that cannot be told."""
+        used = self.use.started(key)
         if used is None:
             return True
-        with self._lock:
-            self._last_used[key] = max(self._last_used.get(key, 0.0), used)
+        if used is not False:
+            with self._lock:
+                self._last_used[key] = max(self._last_used.get(key, 0.0), used)
         return False
 
     def _young(self, wall: float) -> set[Key]:
@@ -369,31 +338,17 @@ class Workers:
         return len(victims)
 
     def _read_use(self) -> bool:
-        """Marks as used now every version whose TorchServe counters moved since the last read;
-        False when any replica's could not be read (then none may be judged idle)."""
-        try:
-            counts = self.torchserve.inference_counts()
-        except RefitError as exc:
-            metrics.WORKER_USAGE_READS.labels("failed").inc()
-            if self._counts_readable:  # once per outage, not every pass
-                log.warning(
-                    "TorchServe's inference counters cannot be read (%s): no version is stopped "
-                    "as idle until they can",
-                    exc.message,
-                )
-            self._counts_readable = False
+        """Marks as used now every version any service replica used since the last read; False
+        when that cannot be told (then none may be judged idle)."""
+        used = self.use.read()
+        if used is None:
             return False
-        metrics.WORKER_USAGE_READS.labels("ok").inc()
-        if not self._counts_readable:
-            log.info("TorchServe's inference counters can be read again")
-        self._counts_readable = True
         now = self.clock()
         with self._lock:
-            for model, version in moved(self._counts, counts):
+            for model, version in used:
                 if version == "default":  # TorchServe's label for a request naming no version
                     version = next((v for m, v in self._defaults if m == model), version)
                 self._last_used[(model, version)] = now
-        self._counts = counts
         return True
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -452,17 +407,3 @@ class Workers:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def moved(before: Counts, after: Counts) -> set[Key]:
-    """Versions whose inference count went up on some replica between two reads. A count that
-    went down is a restarted replica: what it shows now is new use; so is what a replica not
-    read before shows."""
-    used = set()
-    for replica, counts in after.items():
-        seen = before.get(replica, {})
-        for key, count in counts.items():
-            last = seen.get(key, 0.0)
-            if count > last or 0 < count < last:
-                used.add(key)
-    return used

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +40,17 @@ def wait_for_port(
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> float:
+    """Polls ``condition`` until it holds; the seconds that took. TimeoutError past
+    ``timeout_s``, naming ``what`` was awaited."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"{what} not within {timeout_s:.0f}s")
+        time.sleep(0.1)
+    return time.monotonic() - start
 
 
 class MotoServer:

@@ -1,30 +1,36 @@
 """Faults under load on the compose stack: the container test's chaos run and its long form
 (bench/chaos.py) share this.
 
-``Load`` runs clients that send Predicts at a steady pace, each client alternating over the
-service replicas and the models; every call is recorded (``Call``). ``Faults`` injects one fault
-at a time into the running stack (a TorchServe replica, a service replica or the trainer killed
-as a crash kills them, the object store frozen) and records its window: from the fault until
-every container is healthy again and every service replica answers a Predict for every model.
-``Verdict`` then sorts the calls: wrong answers, failures outside every window, failures with a
-status other than UNAVAILABLE or DEADLINE_EXCEEDED.
+``Chaos.run`` starts a retrain, then, while it trains and ``Load``'s clients send Predicts (each
+client alternating over the service replicas and the models, every call recorded as a ``Call``),
+injects one fault at a time (``Faults``): the trainer killed mid-epoch, a TorchServe replica and
+a service replica killed as a crash kills them, the object store frozen. Each fault's window runs
+from the fault until every container is healthy again and every service replica answers a
+Predict for every model. ``Verdict`` then sorts the calls: wrong answers, failures outside every
+window, failures with a status other than UNAVAILABLE or DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import random
 import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 
 from deploy.containers.stack import ComposeStack, docker
 from refit.v1 import refit_pb2, refit_pb2_grpc
+
+TERMINAL = (refit_pb2.SUCCEEDED, refit_pb2.FAILED, refit_pb2.CANCELLED)
 
 ALLOWED_FAILURES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 # Long-running services and their containers' health: all must be healthy again after a fault.
@@ -37,7 +43,8 @@ class Request:
 
     model: str
     image: bytes
-    # Whether an answer (version, labels best first) is right; None: judged after the run.
+    # Whether an answer (version, labels best first) is right. None: it must be what that
+    # version answers the image asked alone after the run (inference is deterministic).
     right: Callable[[str, tuple[str, ...]], bool] | None = None
 
 
@@ -64,7 +71,7 @@ class Load:
         requests: list[Request],
         *,
         clients: int = 8,
-        interval_s: float = 0.5,
+        interval_s: float = 1.0,
         timeout_s: float = 10.0,
     ) -> None:
         self.addresses, self.token, self.requests = addresses, token, requests
@@ -232,11 +239,15 @@ class Verdict:
         return verdict
 
     def window_of(self, call: Call) -> Fault | None:
-        for fault in self.faults:
-            end = (fault.ready or float("inf")) + self.grace_s
-            if fault.started <= call.ended and call.started <= end:
-                return fault
-        return None
+        """The fault whose window the call overlaps; of two (a fault came within the grace
+        after the last one was over), the later one."""
+        overlapping = [
+            fault
+            for fault in self.faults
+            if fault.started <= call.ended
+            and call.started <= (fault.ready or float("inf")) + self.grace_s
+        ]
+        return max(overlapping, key=lambda fault: fault.started, default=None)
 
     def failed_per_fault(self) -> dict[str, Counter]:
         """Per fault, its failed calls by status."""
@@ -247,9 +258,128 @@ class Verdict:
                 counts[fault.name][call.code] += 1
         return counts
 
+    def reasons_per_fault(self, top: int = 3) -> dict[str, list[tuple[str, int]]]:
+        """Per fault, its failed calls' most common messages (their first 90 characters)."""
+        reasons: dict[str, Counter] = {fault.name: Counter() for fault in self.faults}
+        for call in self.calls:
+            fault = self.window_of(call) if call.code != "OK" else None
+            if fault is not None:
+                reasons[fault.name][call.message[:90]] += 1
+        return {name: counter.most_common(top) for name, counter in reasons.items()}
+
     def calls_per_fault(self) -> dict[str, int]:
         """Per fault, how many calls overlapped its window."""
         return {
             fault.name: sum(1 for call in self.calls if self.window_of(call) is fault)
             for fault in self.faults
         }
+
+
+@dataclass
+class Outcome:
+    calls: list[Call]
+    faults: list[Fault]
+    job: refit_pb2.Job  # as it ended
+    trained_before_faults: refit_pb2.Job  # as it was when the first fault came
+
+
+@dataclass
+class Chaos:
+    """One retrain under load, with each fault in turn while it trains."""
+
+    stack: ComposeStack
+    requests: list[Request]
+    clients: int = 8
+    ready_bound_s: float = 240.0
+    store_frozen_s: float = 30.0
+    job_timeout_s: float = 1800.0
+
+    def run(self, retrain: refit_pb2.RetrainRequest) -> Outcome:
+        load = Load(self.stack.addresses, self.stack.predict_token, self.requests,
+                    clients=self.clients)  # fmt: skip
+        faults = Faults(self.stack, self.requests, self.ready_bound_s)
+        load.start()
+        try:
+            job = self.admin("Retrain", retrain)
+            training = self.wait_job(job.id, mid_epoch_with_a_checkpoint, 600)
+            faults.crash("trainer-cpu")
+            faults.crash("torchserve", 1)
+            faults.crash("service", 1)
+            faults.freeze_store(self.store_frozen_s)
+            ended = self.wait_job(job.id, lambda j: j.state in TERMINAL, self.job_timeout_s)
+        finally:
+            calls = load.stop()
+        return Outcome(calls, faults.done, ended, training)
+
+    def judge(self, outcome: Outcome, grace_s: float) -> Verdict:
+        """The run's calls sorted (``Verdict``), each answer judged by its ``Request``."""
+        requests = {request.model: request for request in self.requests}
+        answered = {(c.model, c.version) for c in outcome.calls if c.code == "OK"}
+        alone = {
+            (model, version): self.answer_alone(requests[model], version)
+            for model, version in answered
+            if requests[model].right is None
+        }
+
+        def right(call: Call) -> bool:
+            judge = requests[call.model].right
+            if judge is not None:
+                return judge(call.version, call.labels)
+            return alone[(call.model, call.version)] == call.labels
+
+        return Verdict.judge(outcome.calls, outcome.faults, right, grace_s)
+
+    def answer_alone(self, request: Request, version: str) -> tuple[str, ...]:
+        predict = refit_pb2.PredictRequest(
+            image=request.image, model=request.model, version=version, top_k=5
+        )
+        return tuple(p.label for p in self.admin("Predict", predict, timeout=60).predictions)
+
+    def admin(self, method: str, request, timeout: float = 30):
+        """An admin call through the first service replica."""
+        with grpc.insecure_channel(self.stack.address) as channel:
+            return getattr(refit_pb2_grpc.RefitStub(channel), method)(
+                request,
+                metadata=[("authorization", f"Bearer {self.stack.admin_token}")],
+                timeout=timeout,
+            )
+
+    def wait_job(self, job_id: str, done: Callable[[refit_pb2.Job], bool], timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                job = self.admin("GetJob", refit_pb2.GetJobRequest(id=job_id))
+                if done(job):
+                    return job
+            except grpc.RpcError:
+                pass  # a fault in progress: its replica, or the trainer, is away
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id}: not there within {timeout:.0f} s")
+            time.sleep(1)
+
+
+def mid_epoch_with_a_checkpoint(job: refit_pb2.Job) -> bool:
+    """Training, past its first epoch (so a restart resumes from a checkpoint), mid-epoch."""
+    return (
+        job.state == refit_pb2.TRAINING and job.progress.epoch >= 2 and not job.progress.epoch_end
+    )
+
+
+def colour_image(colour: tuple[int, int, int], size: int = 48) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def colour_dataset(root: Path, classes: dict[str, tuple[int, int, int]], per_class: int) -> Path:
+    """``per_class`` small PNGs per class in the ImageFolder layout: the class colour with noise,
+    which a few epochs learn."""
+    rng = random.Random(7)
+    for name, colour in classes.items():
+        (root / name).mkdir(parents=True)
+        for n in range(per_class):
+            pixels = bytes(
+                max(0, min(255, c + rng.randint(-40, 40))) for _ in range(48 * 48) for c in colour
+            )
+            Image.frombytes("RGB", (48, 48), pixels).save(root / name / f"{n}.png")
+    return root

@@ -3,14 +3,15 @@
 docker-compose.yml with docker-compose.test.yml (the images this machine cannot obtain, replaced),
 under a project name of its own, with random secrets and tokens in an env file of its own (never
 the repository's .env), the `cpu` trainer profile, and `down -v` on the way out whatever happened.
-It runs two service replicas, each on a free port of its own, and two TorchServe replicas, as the
-Kubernetes base does. It can run beside a `make up` stack.
+It runs two service replicas, each on a port of a free range of its own, and two TorchServe
+replicas, as the Kubernetes base does. It can run beside a `make up` stack.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class ComposeStack:
     def __post_init__(self) -> None:
         self.env_file = self.workdir / f"{self.project}.env"
         values = {
-            "REFIT_GRPC_PORT": "",  # each service replica on a free port of its own
+            # A range, one port per service replica: a restarted replica gets its port back.
+            "REFIT_GRPC_PORT": free_port_range(REPLICAS),
             "REFIT_SERVICE_REPLICAS": REPLICAS,
             "REFIT_TORCHSERVE_REPLICAS": REPLICAS,
             "PROMETHEUS_PORT": self.prometheus_port,
@@ -166,6 +168,19 @@ class ComposeStack:
                     raise TimeoutError(f"no Predict answer after {timeout:.0f} s") from error
             time.sleep(0.5)
 
+    def aws(self, *args: str, mount: Path | None = None) -> str:
+        """awscli (from the S3 stand-in's image) in a container on the stack's backend network,
+        as the object store's root user (an operator uploading datasets, inspecting buckets);
+        ``mount``: a host folder seen as /data."""
+        volume = ["-v", f"{mount}:/data:ro"] if mount else []
+        keys = ["-e", f"AWS_ACCESS_KEY_ID={self.root_user}",
+                "-e", f"AWS_SECRET_ACCESS_KEY={self.root_password}"]  # fmt: skip
+        return docker(
+            "run", "--rm", "--network", self.network, *volume, *keys,
+            "-e", "AWS_DEFAULT_REGION=us-east-1", "refit-test-s3:local",
+            "aws", "--endpoint-url", "http://minio:9000", *args,
+        )  # fmt: skip
+
     def cli_env(self) -> dict[str, str]:
         """What the refit CLI on the host needs to reach this stack as an admin."""
         return {"REFIT_ADDRESS": self.address, "REFIT_TOKEN": self.admin_token}
@@ -176,3 +191,21 @@ def docker(*args: str, timeout: float = 120) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"docker {' '.join(args)}: exit {result.returncode}\n{result.stderr}")
     return result.stdout
+
+
+def free_port_range(count: int) -> str:
+    """``FIRST-LAST``: ``count`` consecutive ports free on 127.0.0.1 now."""
+    while True:
+        first = free_port()
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return f"{first}-{first + count - 1}"

@@ -13,10 +13,8 @@ test_stack_under_faults.py; the stack fixture checks that `down -v` leaves nothi
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -27,8 +25,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
+from deploy.containers.chaos import colour_dataset, colour_image
 from deploy.containers.stack import ComposeStack, docker
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(3600)]
@@ -157,52 +155,24 @@ def test_only_the_api_and_prometheus_are_published_on_loopback(stack):
         assert ports[port] == bound
 
 
-def test_prometheus_scrapes_every_target(stack):
-    deadline = time.monotonic() + 120  # the first scrape comes within one 15 s interval
+def test_prometheus_scrapes_every_replica(stack):
+    """Every replica of the service and of TorchServe is a target (DNS discovery), and up."""
+    expected = {"refit-service": ["up", "up"], "refit-trainer": ["up"], "torchserve": ["up", "up"]}
+    deadline = time.monotonic() + 120  # discovery every 10 s, the first scrape within 15 s
     while True:
         with urllib.request.urlopen(f"{stack.prometheus_url}/api/v1/targets", timeout=10) as r:
             targets = json.load(r)["data"]["activeTargets"]
-        health = {t["labels"]["job"]: t["health"] for t in targets}
-        if set(health.values()) == {"up"} or time.monotonic() > deadline:
+        health: dict[str, list[str]] = {}
+        for target in targets:
+            health.setdefault(target["labels"]["job"], []).append(target["health"])
+        if health == expected or time.monotonic() > deadline:
             break
         time.sleep(3)
-    assert health == {"refit-service": "up", "refit-trainer": "up", "torchserve": "up"}
-
-
-def labelled_images(root: Path, per_class: int = IMAGES_PER_CLASS) -> Path:
-    """A few small PNGs per class: a colour with noise, which one epoch can learn."""
-    rng = random.Random(7)
-    for name, colour in CLASSES.items():
-        (root / name).mkdir(parents=True)
-        for n in range(per_class):
-            pixels = bytes(
-                max(0, min(255, c + rng.randint(-40, 40))) for _ in range(48 * 48) for c in colour
-            )
-            Image.frombytes("RGB", (48, 48), pixels).save(root / name / f"{n}.png")
-    return root
-
-
-def colour_image(colour: tuple[int, int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (48, 48), colour).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def aws(stack: ComposeStack, *args: str, mount: Path | None = None) -> str:
-    """awscli (from the S3 stand-in image) in a container on the stack's backend network, as the
-    object store's root user (the operator who uploads datasets and inspects the buckets)."""
-    volume = ["-v", f"{mount}:/data:ro"] if mount else []
-    keys = ["-e", f"AWS_ACCESS_KEY_ID={stack.root_user}",
-            "-e", f"AWS_SECRET_ACCESS_KEY={stack.root_password}"]  # fmt: skip
-    return docker(
-        "run", "--rm", "--network", stack.network, *volume, *keys,
-        "-e", "AWS_DEFAULT_REGION=us-east-1", "refit-test-s3:local",
-        "aws", "--endpoint-url", "http://minio:9000", *args,
-    )  # fmt: skip
+    assert health == expected
 
 
 def test_minio_init_created_the_buckets(stack):
-    buckets = {b["Name"] for b in json.loads(aws(stack, "s3api", "list-buckets"))["Buckets"]}
+    buckets = {b["Name"] for b in json.loads(stack.aws("s3api", "list-buckets"))["Buckets"]}
     assert {"refit", "datasets", "models"} <= buckets
 
 
@@ -243,10 +213,10 @@ def test_the_components_reach_the_store_as_their_own_identities(stack):
 
 
 def test_retrain_from_uploaded_images_publishes_a_new_version(stack, tmp_path, figures):
-    dataset = labelled_images(tmp_path / "colours")
-    aws(stack, "s3", "cp", "--recursive", "--only-show-errors", "/data", "s3://datasets/colours",
-        mount=dataset)  # fmt: skip
-    listed = aws(stack, "s3", "ls", "--recursive", "s3://datasets/colours/")
+    dataset = colour_dataset(tmp_path / "colours", CLASSES, IMAGES_PER_CLASS)
+    stack.aws("s3", "cp", "--recursive", "--only-show-errors", "/data", "s3://datasets/colours",
+              mount=dataset)  # fmt: skip
+    listed = stack.aws("s3", "ls", "--recursive", "s3://datasets/colours/")
     assert len(listed.splitlines()) == len(CLASSES) * IMAGES_PER_CLASS
 
     started = time.monotonic()

@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,7 +21,7 @@ from refit.netutil import free_port
 from refit.storage import S3Store
 from refit.torchserve import Keys, StoreKeys, TorchServeClient
 from refit.torchserve_api import management_pb2, management_pb2_grpc
-from tests.conftest import MotoServer
+from tests.conftest import MotoServer, wait_until
 from tests.faults import S3FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -74,17 +74,10 @@ def torchserve(
         )  # fmt: skip
     process._process = keeper  # stop() ends its process group
     try:
-        wait(process.is_healthy, 90, "TorchServe healthy")
+        wait_until(process.is_healthy, 90, "TorchServe healthy")
         yield process
     finally:
         process.stop()
-
-
-def wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
-        time.sleep(0.2)
 
 
 def published(moto_server: MotoServer, bucket: str) -> dict | None:
@@ -115,7 +108,7 @@ def list_models(torchserve: TorchServeProcess, management_key: str) -> grpc.Stat
 
 
 def test_the_keys_are_published_without_the_api_key(torchserve, moto_server, bucket) -> None:
-    wait(lambda: published(moto_server, bucket) is not None, 30, "keys published")
+    wait_until(lambda: published(moto_server, bucket) is not None, 30, "keys published")
     document = published(moto_server, bucket)
     assert set(document) == {"management", "inference", "expires"}  # never the API key
     assert list_models(torchserve, document["management"]) == grpc.StatusCode.OK
@@ -135,10 +128,10 @@ def test_replaced_keys_are_published_and_a_client_carries_on(
         keys=StoreKeys(lambda key: keys.get(bucket, key)),
     )
     try:
-        wait(lambda: published(moto_server, bucket) is not None, 30, "keys published")
+        wait_until(lambda: published(moto_server, bucket) is not None, 30, "keys published")
         first = published(moto_server, bucket)
         assert client.served_versions() == []  # holds the first keys now
-        wait(lambda: published(moto_server, bucket) != first, 30, "keys replaced")
+        wait_until(lambda: published(moto_server, bucket) != first, 30, "keys replaced")
         assert list_models(torchserve, first["management"]) == grpc.StatusCode.PERMISSION_DENIED
         assert client.served_versions() == []  # refused once, read the new keys, carried on
         assert client.ping()
@@ -152,7 +145,7 @@ def test_replaced_keys_are_published_and_a_client_carries_on(
 def test_no_key_is_replaced_while_the_store_cannot_take_it(
     torchserve, moto_server, bucket, store_link
 ) -> None:
-    wait(lambda: published(moto_server, bucket) is not None, 30, "keys published")
+    wait_until(lambda: published(moto_server, bucket) is not None, 30, "keys published")
     store_link.cut()
     try:
         held = key_file(torchserve)["management"]["key"]
@@ -161,7 +154,7 @@ def test_no_key_is_replaced_while_the_store_cannot_take_it(
         assert published(moto_server, bucket)["management"] == held
     finally:
         store_link.restore()
-    wait(lambda: published(moto_server, bucket)["management"] != held, 30, "replaced after")
+    wait_until(lambda: published(moto_server, bucket)["management"] != held, 30, "replaced after")
     assert published(moto_server, bucket)["management"] == key_file(torchserve)["management"]["key"]
 
 
@@ -177,11 +170,11 @@ def test_the_keeper_passes_a_stop_on_and_ends_with_torchserve(tmp_path: Path) ->
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
-        wait(process.is_healthy, 90, "TorchServe healthy")
+        wait_until(process.is_healthy, 90, "TorchServe healthy")
         assert process.server_pid() is not None
         keeper.terminate()  # the keeper alone, not its process group
         keeper.wait(60)  # it ends once TorchServe has
-        wait(lambda: process.server_pid() is None, 30, "TorchServe gone")
+        wait_until(lambda: process.server_pid() is None, 30, "TorchServe gone")
     finally:
         if keeper.poll() is None:
             os.killpg(keeper.pid, signal.SIGKILL)

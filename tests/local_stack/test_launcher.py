@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from refit.registry import Registry, VersionRecord
 from refit.storage import StorageSettings
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.deploy.helpers import series_read_by_dashboard_and_rules
 from tests.trainer.synthetic import upload_colours
 
@@ -99,14 +99,6 @@ def wait_for_series(settings: StackSettings, query: str, timeout_s: float = 30.0
             return result
         time.sleep(0.5)  # Prometheus scrapes every second
     raise AssertionError(f"Prometheus has no series for {query}")
-
-
-def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s:.0f}s")
-        time.sleep(0.1)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -31,7 +31,7 @@ from local_stack.torchserve import TorchServeProcess
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
-from tests.conftest import MotoServer
+from tests.conftest import MotoServer, wait_until
 from tests.faults import S3FaultProxy
 from tests.service.conftest import connect, service_settings, start_service, wait_serving
 
@@ -46,14 +46,6 @@ def health(port: int) -> int:
             health_pb2.HealthCheckRequest(), timeout=5
         )
     return answer.status
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout_s:.0f}s")
-        time.sleep(0.1)
 
 
 def store_up() -> float | None:

@@ -18,7 +18,7 @@ import dataclasses
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -28,7 +28,7 @@ from local_stack.torchserve import TorchServeProcess
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
-from tests.conftest import MotoServer
+from tests.conftest import MotoServer, wait_until
 from tests.faults import S3FaultProxy
 from tests.service.conftest import connect, service_settings, start_service
 
@@ -53,14 +53,6 @@ def service(
     yield refit
     s3_proxy.restore()
     refit.stop()
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout_s:.0f}s")
-        time.sleep(0.1)
 
 
 def unknown_call(api: refit_pb2_grpc.RefitStub, i: int, image: bytes, timeout: float) -> None:

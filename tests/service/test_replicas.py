@@ -29,7 +29,7 @@ from refit.torchserve_api import inference_pb2_grpc
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
-from tests.conftest import MotoServer, free_port
+from tests.conftest import MotoServer, free_port, wait_until
 from tests.faults import S3FaultProxy
 from tests.service.conftest import (
     connect,
@@ -64,15 +64,6 @@ def grpc_addresses(*processes: TorchServeProcess) -> dict[str, str]:
 
 def replica_gauge(name: str, ports: TorchServePorts) -> float | None:
     return REGISTRY.get_sample_value(name, {"replica": f"127.0.0.1:{ports.grpc_management}"})
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"{what} not within {timeout_s:.0f}s")
-        time.sleep(0.2)
-    return time.monotonic() - start
 
 
 @pytest.fixture(scope="module")

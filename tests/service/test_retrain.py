@@ -378,7 +378,7 @@ def test_trainer_down_is_unavailable_with_a_hint(
             with pytest.raises(grpc.RpcError) as caught:
                 retrain(stub, "colours", "s3://data/colours")
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert f"trainer at {nowhere} is unreachable" in caught.value.details()
+            assert f"trainer at {nowhere} could not take the call" in caught.value.details()
             with pytest.raises(grpc.RpcError) as caught:
                 list(stub.WatchJob(pb.WatchJobRequest(id=UNKNOWN_JOB), timeout=10))
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -11,10 +11,9 @@ TorchServe here is this module's own, so its describe answers show this module's
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -29,7 +28,7 @@ from refit.v1 import refit_pb2_grpc
 from service.catalog import ModelCatalog
 from service.reconciler import Reconciler
 from service.server import RefitServer
-from tests.conftest import MotoServer
+from tests.conftest import MotoServer, wait_until
 from tests.faults import S3FaultProxy
 from tests.service.conftest import (
     add_version_of,
@@ -95,15 +94,6 @@ def describe(process: TorchServeProcess, version: str = "") -> dict:
 
 def workers(process: TorchServeProcess) -> dict[str, int]:
     return {v: len(describe(process, v)["workers"]) for v in ("1", "2", "3")}
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"{what} not within {timeout_s:.0f}s")
-        time.sleep(0.2)
-    return time.monotonic() - start
 
 
 def scale_ups(outcome: str = "ok") -> float:

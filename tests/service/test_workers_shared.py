@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,7 +27,7 @@ from refit.storage import S3Store
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer, build_server
-from tests.conftest import MotoServer
+from tests.conftest import MotoServer, wait_until
 from tests.faults import S3FaultProxy
 from tests.service.conftest import (
     add_version_of,
@@ -125,15 +125,6 @@ def replicas(
 
 def workers_of(process: TorchServeProcess, version: str) -> int:
     return len(process.describe(MODEL, version)["workers"])
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"{what} not within {timeout_s:.0f}s")
-        time.sleep(0.1)
-    return time.monotonic() - start
 
 
 def predict_v2(api: refit_pb2_grpc.RefitStub, image: bytes) -> tuple[float, str]:

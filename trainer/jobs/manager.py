@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from refit import logs
-from refit.errors import AlreadyExists, NotFound, Unavailable
+from refit.errors import AlreadyExists, NotFound, RefitError, Unavailable
 from trainer import metrics
 from trainer.jobs.records import (
     CANCELLED,
@@ -361,7 +361,7 @@ class JobManager:
             if self._stop.is_set():
                 return  # trainer shutting down: the job stays RUNNING and resumes on restart
             self._end_failed(job_id, CANCELLED, exc.message)
-        except JobFailed as exc:
+        except (JobFailed, RefitError) as exc:  # a reason a user can act on, as it stands
             self._end_failed(job_id, FAILED, exc.message)
         except Exception as exc:
             log.exception("job %s failed", job_id)

@@ -18,7 +18,7 @@ from refit.errors import (
     NotFound,
     Unavailable,
 )
-from refit.storage import FileStore, StoreUnreachable
+from refit.storage import AccessDenied, FileStore, StoreUnreachable
 from trainer.jobs import manager as manager_module
 from trainer.jobs.manager import JobContext, JobManager
 from trainer.jobs.records import (
@@ -526,3 +526,24 @@ def test_the_worker_never_starts_a_job_whose_cancel_is_being_written(
         store.gate.set()
         runner.release.set()
         manager.stop()
+
+
+def test_a_refusal_by_the_store_fails_the_job_with_its_reason_not_as_internal(
+    jobs: JobStore,
+) -> None:
+    """A domain error (here the store refusing the trainer's identity) is the job's reason, as
+    it is: not an "internal error" with a traceback."""
+
+    class RefusedRunner(ScriptedRunner):
+        def run(self, job: JobRecord, context: JobContext) -> None:
+            raise AccessDenied("the object store refused to let 'refit-trainer' delete s3://x/y")
+
+    manager = JobManager(jobs, RefusedRunner())
+    manager.start()
+    try:
+        job = manager.submit(request("refused"))
+        ended = wait_state(manager, job.id, FAILED, "SUCCEEDED")
+    finally:
+        manager.stop()
+    assert ended.state == FAILED
+    assert ended.error == "the object store refused to let 'refit-trainer' delete s3://x/y"
