@@ -101,6 +101,12 @@ def report(number: int, verdict: Verdict, job: refit_pb2.Job) -> None:
           f"{len(verdict.wrong)} wrong, {len(verdict.outside)} failed outside a window, "
           f"{len(verdict.bad_status)} with another status; job "
           f"{refit_pb2.JobState.Name(job.state)} after {job.attempts} attempts")  # fmt: skip
+    began = min((c.started for c in verdict.calls), default=0.0)
+    for call in verdict.outside + verdict.bad_status:
+        print(f"  outside a window: +{call.started - began:.0f} s {call.model} via {call.address}: "
+              f"{call.code} {call.message[:90]}")  # fmt: skip
+    for fault in verdict.faults:
+        print(f"  {fault.name} at +{fault.started - began:.0f} s")
     failed, overlapping = verdict.failed_per_fault(), verdict.calls_per_fault()
     for fault in verdict.faults:
         ready = f"{fault.recovery_s:.0f} s" if fault.recovery_s is not None else "never"
