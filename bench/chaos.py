@@ -101,6 +101,8 @@ def report(number: int, verdict: Verdict, job: refit_pb2.Job) -> None:
           f"{len(verdict.wrong)} wrong, {len(verdict.outside)} failed outside a window, "
           f"{len(verdict.bad_status)} with another status; job "
           f"{refit_pb2.JobState.Name(job.state)} after {job.attempts} attempts")  # fmt: skip
+    latency = ", ".join(f"{k} {v:.2f} s" for k, v in verdict.latency().items())
+    print(f"  answered in: {latency}")
     began = min((c.started for c in verdict.calls), default=0.0)
     for call in verdict.outside + verdict.bad_status:
         print(f"  outside a window: +{call.started - began:.0f} s {call.model} via {call.address}: "
