@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -229,7 +230,12 @@ class TorchServeProcess:
         return pid if _alive(pid) else None
 
     def is_healthy(self) -> bool:
-        """Its REST ping answers Healthy (the ping, too, needs the inference key)."""
+        """Its gRPC ports take connections and its REST ping answers Healthy (the ping, too,
+        needs the inference key). The ping answers a moment before the gRPC ports open."""
+        for port in (self.ports.grpc_inference, self.ports.grpc_management):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) != 0:
+                    return False
         try:
             headers = dict(self.key_source().read(self._replica()).metadata("inference"))
         except KeysUnavailable:

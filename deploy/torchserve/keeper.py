@@ -9,7 +9,8 @@ and an API key, which only replaces them (``GET /token?type=management|inference
 management port). This program:
 
 - starts the command (TorchServe in the foreground) as its child, in this working directory, and
-  passes SIGTERM/SIGINT on to it; it exits when TorchServe does, with its exit status;
+  passes SIGTERM/SIGINT on to its process group; it exits when TorchServe's CLI has and the rest
+  of TorchServe (its Java server, its workers) is gone too, with the CLI's exit status;
 - replaces the management and inference keys once half their lifetime has passed, so a key
   that leaks is good for at most ``token_expiration_min``;
 - with ``--publish``, writes the management and inference keys (never the API key) to the object
@@ -49,6 +50,7 @@ KEY_FILE = "key_file.json"
 KEYS_PREFIX = "torchserve/keys/"
 DEFAULT_LIFETIME_MIN = 60.0  # TorchServe's token_expiration_min default
 POLL_S = 1.0
+STOP_WAIT_S = 30.0  # how long the keeper waits for TorchServe's server and workers to end
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ class Keeper:
             except Exception:
                 log.exception("keeping TorchServe's keys failed; retrying")
             time.sleep(POLL_S)
+        wait_for_the_group()
         return self.child.returncode
 
     def tend(self) -> None:
@@ -214,6 +217,31 @@ class Keeper:
         self._forwarding = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(os.getpgid(self.child.pid), signum)
+
+
+def wait_for_the_group(timeout_s: float = STOP_WAIT_S) -> None:
+    """After the CLI exits: until the rest of this process group (TorchServe's Java server and
+    its workers, which a stop signals too but which take seconds to end) is gone. Whoever waits
+    for this process to end (supervisord, Docker, a test) then finds TorchServe's ports free."""
+    deadline = time.monotonic() + timeout_s
+    while others_in_the_group() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def others_in_the_group() -> list[int]:
+    """The other live processes of this process group (Linux: from /proc)."""
+    group, me, found = os.getpgrp(), os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == group and state != "Z":
+            found.append(int(entry.name))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
