@@ -208,8 +208,10 @@ class Supervisor:
         while time.monotonic() < deadline:
             try:
                 self.rpc().supervisor.getState()
-            except (OSError, xmlrpc.client.Error):
+            except OSError:  # its socket is closed: it is gone
                 return
+            except xmlrpc.client.Fault:  # SHUTDOWN_STATE: still stopping its programs
+                pass
             time.sleep(0.2)
         raise TimeoutError(f"supervisord did not stop in {timeout_s:.0f}s; see {self.log_dir}")
 
