@@ -4,7 +4,8 @@ What runs where (all on loopback; every port can be moved with the variables in 
     object store   MinIO at $MINIO_ENDPOINT, else the embedded FileStore in $REFIT_DATA_DIR/objects
     TorchServe     REST 8080-8082 [REFIT_TORCHSERVE_HTTP_PORTS], gRPC 7070/7071
                    [REFIT_TORCHSERVE_INFERENCE, REFIT_TORCHSERVE_MANAGEMENT]
-    refit service  gRPC 50051 [REFIT_GRPC_ADDRESS], metrics 9101 [REFIT_METRICS_ADDRESS]
+    refit service  gRPC 50051 [REFIT_GRPC_ADDRESS], health 50054 [REFIT_HEALTH_ADDRESS],
+                   metrics 9101 [REFIT_METRICS_ADDRESS]
     trainer        gRPC 50052 (internal) [REFIT_TRAINER_ADDRESS], health 50053
                    [REFIT_TRAINER_HEALTH_ADDRESS], metrics 9102 [REFIT_TRAINER_METRICS_ADDRESS]
     Prometheus     9090 [REFIT_PROMETHEUS_ADDRESS], when installed
@@ -65,6 +66,7 @@ class StackSettings:
     storage: StorageSettings
     bucket: str = "refit"
     grpc_address: str = "127.0.0.1:50051"
+    health_address: str = "127.0.0.1:50054"  # the service's grpc.health.v1, apart from its API
     metrics_address: str = "127.0.0.1:9101"
     prometheus_address: str = "127.0.0.1:9090"
     scrape_interval: str = "15s"
@@ -87,6 +89,7 @@ class StackSettings:
             storage=StorageSettings.from_env(env),
             bucket=env.get("REFIT_BUCKET", "refit"),
             grpc_address=env.get("REFIT_GRPC_ADDRESS", "127.0.0.1:50051"),
+            health_address=env.get("REFIT_HEALTH_ADDRESS", "127.0.0.1:50054"),
             metrics_address=env.get("REFIT_METRICS_ADDRESS", "127.0.0.1:9101"),
             prometheus_address=env.get("REFIT_PROMETHEUS_ADDRESS", "127.0.0.1:9090"),
             trainer_address=env.get("REFIT_TRAINER_ADDRESS", "127.0.0.1:50052"),
@@ -123,6 +126,7 @@ class StackSettings:
             "REFIT_DATA_DIR": str(self.data_dir),
             "REFIT_BUCKET": self.bucket,
             "REFIT_GRPC_ADDRESS": self.grpc_address,
+            "REFIT_HEALTH_ADDRESS": self.health_address,
             "REFIT_METRICS_ADDRESS": self.metrics_address,
             "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{self.torchserve.grpc_inference}",
             "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{self.torchserve.grpc_management}",
@@ -328,7 +332,7 @@ class Stack:
         else:
             _step("Prometheus", "not installed (apt-get install prometheus); skipped")
         try:
-            self._wait(self.settings.grpc_address, timeout_s, "service")
+            self._wait(self.settings.health_address, timeout_s, "service")
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n{self._model_report() or ''}".rstrip()) from exc
         _step(
@@ -336,6 +340,7 @@ class Stack:
             f"{self.settings.grpc_address} (metrics on "
             f"http://{self.settings.metrics_address}/metrics)",
         )
+        self._wait_running(timeout_s)
         if report := self._model_report():
             print(report)
         print(f"ready. logs: {self.settings.data_dir / 'logs'}; try: refit predict IMAGE")
@@ -348,6 +353,17 @@ class Stack:
                 raise RuntimeError(f"TorchServe was not healthy after {timeout_s:.0f}s; "
                                    f"see {self.torchserve.home / 'logs'}")  # fmt: skip
             time.sleep(0.5)
+
+    def _wait_running(self, timeout_s: float) -> None:
+        """Until supervisord counts every program started (up `startsecs`), so that `make status`
+        right after `make up` says RUNNING."""
+        deadline = time.monotonic() + timeout_s
+        while any(s["statename"] != "RUNNING" for s in self.supervisor.states().values()):
+            for name in self.supervisor.states():
+                self._check_alive(name)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not every component was running after {timeout_s:.0f}s")
+            time.sleep(0.2)
 
     def _wait(self, address: str, timeout_s: float, name: str) -> None:
         try:

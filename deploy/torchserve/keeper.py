@@ -50,7 +50,9 @@ KEY_FILE = "key_file.json"
 KEYS_PREFIX = "torchserve/keys/"
 DEFAULT_LIFETIME_MIN = 60.0  # TorchServe's token_expiration_min default
 POLL_S = 1.0
-STOP_WAIT_S = 30.0  # how long the keeper waits for TorchServe's server and workers to end
+# How long the keeper waits for TorchServe's server and workers to end before it kills them:
+# under the 30 s that supervisord, compose and k8s give it before they kill the keeper.
+STOP_WAIT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -221,11 +223,15 @@ class Keeper:
 
 def wait_for_the_group(timeout_s: float = STOP_WAIT_S) -> None:
     """After the CLI exits: until the rest of this process group (TorchServe's Java server and
-    its workers, which a stop signals too but which take seconds to end) is gone. Whoever waits
-    for this process to end (supervisord, Docker, a test) then finds TorchServe's ports free."""
+    its workers, which a stop signals too but which take seconds to end) is gone, killed after
+    ``timeout_s``. Whoever waits for this process to end (supervisord, Docker, a test) then finds
+    TorchServe's ports free."""
     deadline = time.monotonic() + timeout_s
-    while others_in_the_group() and time.monotonic() < deadline:
+    while (others := others_in_the_group()) and time.monotonic() < deadline:
         time.sleep(0.2)
+    for pid in others:  # past the wait: never leave a server holding the ports behind
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def others_in_the_group() -> list[int]:
