@@ -67,11 +67,13 @@ COPY refit/ refit/
 COPY service/ service/
 COPY --from=codegen /build/refit/ refit/
 ENV REFIT_GRPC_ADDRESS=0.0.0.0:50051 \
+    REFIT_HEALTH_ADDRESS=0.0.0.0:50054 \
     REFIT_METRICS_ADDRESS=0.0.0.0:9101
 USER 10001:10001
-EXPOSE 50051 9101
+EXPOSE 50051 50054 9101
+# Health on its own server and thread: no load on the API can make this probe wait (issue 25).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=6 \
-    CMD ["python", "/opt/refit/healthcheck.py", "grpc", "env:REFIT_GRPC_ADDRESS"]
+    CMD ["python", "/opt/refit/healthcheck.py", "grpc", "env:REFIT_HEALTH_ADDRESS"]
 CMD ["python", "-m", "service.server"]
 
 # torch once, for both torch roles: its ~6 GB layer is shared by the two images, and rebuilt

@@ -2,12 +2,13 @@
 
 For 10 and 100 training images per class (drawn from the 60k train split), each run streams its
 data from the object store, fine-tunes EfficientNet-Lite0 with ``trainer.train.train_and_package``
-and stores an archive; the served artifact (TorchScript inside the .mar) is then scored on the
-full 10k test split, also streamed from the store (``--flip-tta``: also with flip test-time
-augmentation, for information: the served model does not do it). Validation during training
-(epoch selection) uses other train images, never test images. Every run starts from training's
-default recipe for its set (trainer/recipe.py: what Retrain uses when a request leaves the
-hyperparameters empty); modes and ``--set`` pairs change it.
+and stores an archive; the served artifact (the .mar's ONNX model, fp32 or int8) is then scored on
+the full 10k test split, also streamed from the store (``--flip-tta``: also with flip test-time
+augmentation, for information: the served model does not do it; ``--compare-runtimes``: also
+the same weights exported to TorchScript, as archives were before, and to fp32 ONNX). Validation
+during training (epoch selection) uses other train images, never test images. Every run starts
+from training's default recipe for its set (trainer/recipe.py: what Retrain uses when a request
+leaves the hyperparameters empty); modes and ``--set`` pairs change it.
 
 Modes: ``default`` (the recipe as is), ``frozen`` (stem + first 10 of 16 blocks frozen), ``full``
 (nothing frozen), ``scratch`` (random init, nothing frozen).
@@ -32,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from served_models import same_weights, served_model, stored_model
 
 from refit.storage import FileStore, ObjectStore, S3Store, StorageSettings
 from trainer import recipe
@@ -218,27 +219,31 @@ class FlipAveraged(torch.nn.Module):
         return (self.model(x) + self.model(x.flip(-1))) / 2
 
 
-def score_archive(
-    store: ObjectStore, archive_key: str, test_uri: str, config: TrainConfig, flip_tta: bool
-) -> tuple[float, float | None, int]:
-    """Accuracy of the served artifact (the .mar's TorchScript) on the streamed test split, as
-    served and (``flip_tta``) with flip test-time augmentation."""
-    with zipfile.ZipFile(io.BytesIO(store.get(BUCKET, archive_key))) as mar:
-        scripted = torch.jit.load(io.BytesIO(mar.read("model.pt")))
+def score_model(
+    model: torch.nn.Module, store: ObjectStore, test_uri: str, config: TrainConfig
+) -> tuple[float, int]:
     transform = eval_transform(Preprocessing.for_config(config))
     test = open_dataset(test_uri, store=store, split="train", val_fraction=0.0, shuffle=False,
                         transform=transform, rank=0, world_size=1)  # fmt: skip
     loader = torch.utils.data.DataLoader(test, batch_size=128, num_workers=2)
-    hw = setup_hardware("cpu")
-    criterion = torch.nn.CrossEntropyLoss()
-    result = evaluate(scripted, criterion, loader, hw, len(CLASSES))
-    if not flip_tta:
-        return result.accuracy, None, result.images
-    flipped = evaluate(FlipAveraged(scripted), criterion, loader, hw, len(CLASSES))
-    return result.accuracy, flipped.accuracy, result.images
+    result = evaluate(model, torch.nn.CrossEntropyLoss(), loader, setup_hardware("cpu"),
+                      len(CLASSES))  # fmt: skip
+    return result.accuracy, result.images
 
 
-def run(store: ObjectStore, uris: dict, shots: int, mode: str, sets: list, flip_tta: bool) -> dict:
+def score_archive(
+    store: ObjectStore, archive_key: str, test_uri: str, config: TrainConfig, flip_tta: bool
+) -> tuple[float, float | None, int]:
+    """Accuracy of the served artifact (the .mar's model) on the streamed test split, as
+    served and (``flip_tta``) with flip test-time augmentation."""
+    served = served_model(store.get(BUCKET, archive_key))
+    accuracy, images = score_model(served, store, test_uri, config)
+    flipped = score_model(FlipAveraged(served), store, test_uri, config)[0] if flip_tta else None
+    return accuracy, flipped, images
+
+
+def run(store: ObjectStore, uris: dict, shots: int, mode: str, sets: list, flip_tta: bool,
+        compare_runtimes: bool = False) -> dict:  # fmt: skip
     uri = uris[str(shots)]
     config = recipe_config(store, uri, f"fmnist-{shots}-{mode}", [*MODES[mode], *sets])
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -261,7 +266,15 @@ def run(store: ObjectStore, uris: dict, shots: int, mode: str, sets: list, flip_
         "train_images_per_second": float(np.median(steady)),
         "data_wait_ratio": float(np.median([h["data_wait_ratio"] for h in history])),
         "val_curve": [round(h["val_accuracy"], 3) for h in history],
+        "precision": result.precision, "val_accuracy_fp32": result.fp32_accuracy,
+        "val_accuracy_int8": result.int8_accuracy,
+        "export_seconds": result.metrics.get("export_seconds"),
+        "quantize_seconds": result.metrics.get("quantize_seconds"),
     }  # fmt: skip
+    if compare_runtimes:  # the version's weights, exported each way
+        model = stored_model(store, BUCKET, result.weights_key)
+        for runtime, exported in same_weights(model, config.crop_size).items():
+            row[f"test_accuracy_{runtime}"] = score_model(exported, store, uris["test"], config)[0]
     print(json.dumps(row), flush=True)
     return row
 
@@ -348,6 +361,8 @@ def main() -> None:
         help="TrainConfig override, e.g. lr=3e-3 augmentation.rotation=10",
     )  # fmt: skip
     parser.add_argument("--flip-tta", action="store_true", help="also score with flip TTA")
+    parser.add_argument("--compare-runtimes", action="store_true",
+                        help="also score the weights as TorchScript and as fp32 ONNX")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     if args.threads:
@@ -361,7 +376,7 @@ def main() -> None:
             uris = prepare(stores.store, val, args.test_limit)
             print(f"# store: {stores.kind}; upload {time.perf_counter() - t0:.0f} s", flush=True)
             rows = [
-                run(stores.store, uris, shots, mode, args.set, args.flip_tta)
+                run(stores.store, uris, shots, mode, args.set, args.flip_tta, args.compare_runtimes)
                 for shots in args.shots
                 for mode in args.modes
             ]

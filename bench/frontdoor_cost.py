@@ -78,7 +78,7 @@ def main() -> None:
         port = int(stack.torchserve_inference.rsplit(":", 1)[1])
         paths = {
             "refit": via_refit(stack.address, stack.predict_token),
-            "torchserve": via_torchserve_grpc(port),
+            "torchserve": via_torchserve_grpc(port, stack.torchserve_inference_key),
         }
         for concurrency in map(int, args.concurrency.split(",")):
             per_round = args.requests // args.rounds

@@ -7,7 +7,9 @@
 3. an NCCL all-reduce under ``torchrun --nproc-per-node 1`` (trainer.train joins a process group
    only when WORLD_SIZE > 1, so step 2 alone never reaches NCCL on one GPU);
 4. a TorchServe GPU worker answering Predict for the archive step 1 built (registered with the
-   default batching), 32 requests in flight; images/s.
+   default batching), 32 requests in flight; images/s;
+5. that archive's ONNX model under ONNX Runtime's TensorRT, CUDA and CPU providers
+   (bench/gpu_onnx.py; on a GPU host install ``onnxruntime-gpu`` in place of ``onnxruntime``).
 
 Prints a Markdown table for docs/benchmarks.md; exits 0 when every step passed, 1 when one
 failed, 2 without CUDA. ``--cpu`` runs the same code on the CPU with tiny sizes (a dry run that
@@ -42,6 +44,7 @@ from PIL import Image, ImageDraw
 from refit.netutil import free_port
 from refit.registry import Batching
 from refit.storage import ObjectStore, StorageSettings
+from refit.torchserve import Keys
 
 NO_CUDA = (
     "gpu_check: no CUDA device is visible to torch (torch.cuda.is_available() is False). "
@@ -305,7 +308,8 @@ def torchserve_predict(ctx: Context, step: Step) -> None:
             time.sleep(0.5)
         store = ctx.storage.open()
         client.register("gpucheck", "1", store.url(BUCKET, ctx.archive_key), batching=Batching())
-        workers = describe(ports.management, "gpucheck")["workers"]
+        key = Keys.parse(torchserve.key_file.read_text()).management
+        workers = describe(ports.management, key, "gpucheck")["workers"]
         on_gpu = any(w.get("gpu") for w in workers)
         if not ctx.cpu and not on_gpu:
             raise RuntimeError(f"TorchServe's worker is not on a GPU: {workers}")
@@ -336,10 +340,20 @@ def torchserve_predict(ctx: Context, step: Step) -> None:
     )
 
 
-def describe(management_port: int, model: str) -> dict:
+def describe(management_port: int, key: str, model: str) -> dict:
     url = f"http://127.0.0.1:{management_port}/models/{model}"
-    with urllib.request.urlopen(url, timeout=10) as response:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)[0]
+
+
+def onnx_providers(ctx: Context, step: Step) -> None:
+    from gpu_onnx import provider_figures  # bench/, beside this script
+
+    if not ctx.archive_key:
+        raise RuntimeError("no archive: the fine-tuning step failed")
+    archive = ctx.storage.open().get(BUCKET, ctx.archive_key)
+    step.detail = provider_figures(archive, ctx.sizes.crop, ctx.cpu)
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -388,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         run_step(ctx, "all-reduce under torchrun (nccl)" if not args.cpu else "all-reduce under "
                  "torchrun (gloo)", nccl_all_reduce)  # fmt: skip
         run_step(ctx, "TorchServe worker: Predict", torchserve_predict)
+        run_step(ctx, "ONNX Runtime providers (bench/gpu_onnx.py)", onnx_providers)
     print()
     print(f"{describe_host(args.cpu)}; total {time.perf_counter() - started:.0f} s")
     print()

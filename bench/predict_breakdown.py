@@ -100,6 +100,7 @@ def main() -> None:
         torchserve.start()
         settings = ServiceSettings(
             grpc_address="127.0.0.1:0",
+            health_address="127.0.0.1:0",
             torchserve_inference=f"127.0.0.1:{ports.grpc_inference}",
             torchserve_management=f"127.0.0.1:{ports.grpc_management}",
             torchserve_keys=torchserve.keys,

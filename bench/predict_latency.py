@@ -203,6 +203,7 @@ def start_local(stack: contextlib.ExitStack, tmp: Path) -> dict[str, Callable[[]
         **os.environ,
         "REFIT_DATA_DIR": str(tmp),
         "REFIT_GRPC_ADDRESS": address,
+        "REFIT_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
         "REFIT_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
         "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ports.grpc_inference}",
         "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ports.grpc_management}",

@@ -42,6 +42,7 @@ def start_service(data_dir: str, replicas: list[TorchServeProcess]) -> tuple[sub
         **os.environ,
         "REFIT_DATA_DIR": data_dir,
         "REFIT_GRPC_ADDRESS": address,
+        "REFIT_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
         "REFIT_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
         "REFIT_TORCHSERVE_INFERENCE": ",".join(
             f"127.0.0.1:{r.ports.grpc_inference}" for r in replicas

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer_port = free_port()
         trainer = start_trainer(home, torchserve, trainer_port)
         settings = ServiceSettings(
-            grpc_address="127.0.0.1:0", torchserve_inference=f"127.0.0.1:{ports.grpc_inference}",
+            grpc_address="127.0.0.1:0", health_address="127.0.0.1:0",
+            torchserve_inference=f"127.0.0.1:{ports.grpc_inference}",
             torchserve_management=f"127.0.0.1:{ports.grpc_management}",
             torchserve_keys=torchserve.keys,
             trainer_address=f"127.0.0.1:{trainer_port}", storage=storage,

@@ -18,6 +18,7 @@ from local_stack.torchserve import TorchServePorts, TorchServeProcess, allowed_u
 from refit.netutil import free_port, wait_serving
 from refit.storage import StorageSettings
 from refit.tokens import ENV_NAMES, create_tokens_file, read_tokens_file, tokens_file
+from refit.torchserve.keys import Keys
 from trainer.base_model import publish_base_model
 
 
@@ -29,6 +30,7 @@ class RunningStack:
     service_pid: int
     data_dir: Path
     torchserve_inference: str  # TorchServe's gRPC inference address, for direct calls
+    torchserve_inference_key: str  # its inference key (its token authorization is on)
 
     def rss_bytes(self) -> int:
         """The service process's resident memory, from /proc."""
@@ -72,6 +74,7 @@ def running_stack(*, trainer: bool = False, env: dict[str, str] | None = None) -
             address = f"127.0.0.1:{free_port()}"
             service = _start(home, "service", common, {
                 "REFIT_GRPC_ADDRESS": address,
+                "REFIT_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
                 "REFIT_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
                 "REFIT_TOKENS_FILE": str(tokens_file(home)),
             })  # fmt: skip
@@ -83,6 +86,7 @@ def running_stack(*, trainer: bool = False, env: dict[str, str] | None = None) -
                 service.pid,
                 home,
                 common["REFIT_TORCHSERVE_INFERENCE"],
+                Keys.parse(torchserve.key_file.read_text()).inference,
             )
         finally:
             for process in reversed(processes):
@@ -98,10 +102,8 @@ def _start(home: Path, name: str, common: dict, extra: dict) -> subprocess.Popen
     process = subprocess.Popen(
         [sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT
     )
-    # The trainer answers health on a port of its own.
-    address = (
-        env["REFIT_TRAINER_HEALTH_ADDRESS"] if name == "trainer" else env["REFIT_GRPC_ADDRESS"]
-    )
+    # Each answers health on a port of its own.
+    address = env["REFIT_TRAINER_HEALTH_ADDRESS" if name == "trainer" else "REFIT_HEALTH_ADDRESS"]
     try:
         wait_serving(address, 300, lambda: process.poll() is None)
     except (RuntimeError, TimeoutError) as exc:

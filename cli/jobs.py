@@ -48,6 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-batch-delay-ms", type=int, default=0,
         help="longest wait for a batch to fill; 0: REFIT_MAX_BATCH_DELAY_MS",
     )  # fmt: skip
+    retrain.add_argument(
+        "--fp32", action="store_true",
+        help="serve fp32; default: int8 when it costs at most REFIT_INT8_MAX_DROP_POINTS",
+    )  # fmt: skip
     retrain.add_argument("--created-by", default="", help="kept in the version's lineage")
     retrain.add_argument("--watch", action="store_true", help="follow it with a progress bar")
     _command(retrain, run_retrain)
@@ -115,6 +119,7 @@ def run_retrain(args: argparse.Namespace) -> int:
         batching=pb.Batching(
             batch_size=args.serving_batch_size, max_batch_delay_ms=args.max_batch_delay_ms
         ),
+        precision=pb.PRECISION_FP32 if args.fp32 else pb.PRECISION_UNSPECIFIED,
     )  # fmt: skip
     stub = stub_for(args)
     job = stub.Retrain(request, timeout=args.timeout)

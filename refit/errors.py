@@ -1,8 +1,9 @@
 """Domain errors shared by every component, and the one place that maps errors to gRPC statuses.
 
 Each error carries the status code it means and a message a user can act on. Anything unexpected
-becomes INTERNAL with a logged traceback: never UNKNOWN, never a crashed server. Both gRPC
-servers (service and trainer) install ``ErrorInterceptor``."""
+becomes INTERNAL with a logged traceback: never UNKNOWN, never a crashed server. ``to_status`` is
+the mapping: the trainer's synchronous server installs ``ErrorInterceptor``, the service's
+asyncio front door (service/frontdoor.py) calls it directly."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Bounds on what long calls may hold, shared by the service's and the trainer's gRPC servers.
+"""Bounds on what long calls may hold, for the trainer's synchronous gRPC server (the service's
+asyncio front door counts its own: service/frontdoor.py).
 
 Each gRPC call holds one server thread for as long as it lasts, and streaming calls (the
 service's PredictStream and WatchJob, the trainer's Subscribe) can last for hours. A server takes

@@ -64,6 +64,11 @@ class VersionRecord:
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     # Records written before batching existed get today's defaults at their next registration.
     batching: Batching = field(default_factory=Batching)
+    # What TorchServe serves (trainer/precision.py): records written before precisions were
+    # chosen are fp32 (TorchScript). Accuracies on the validation split; None: not measured.
+    precision: str = "fp32"
+    fp32_accuracy: float | None = None
+    int8_accuracy: float | None = None
 
     def to_json(self) -> bytes:
         return json.dumps({**asdict(self), "lineage": self.lineage.to_dict()}, indent=1).encode()

@@ -1,4 +1,5 @@
-"""Who may call what: bearer tokens with two roles, checked before any servicer code runs.
+"""Who may call what: bearer tokens with two roles, checked on a call's headers before its
+message is read or any servicer code runs (service/frontdoor.py).
 
 - ``predict``: the read and predict RPCs below (PREDICT_RPCS); ``admin``: every RPC.
 - A missing or unknown token is UNAUTHENTICATED; a known token whose role does not cover the RPC
@@ -12,17 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
-from refit.errors import wrap_handler
 from refit.tokens import ADMIN, PREDICT, TokenConfigError, role_tokens
-from service.metrics import AUTH_FAILURES
 
-REFIT_SERVICE = "/refit.v1.Refit/"
 OPEN_SERVICES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",
@@ -68,6 +64,28 @@ class Authenticator:
         self._digests = [(_digest(t), ADMIN) for t in settings.admin_tokens]
         self._digests += [(_digest(t), PREDICT) for t in settings.predict_tokens]
 
+    def denial(self, rpc: str, authorization: str) -> tuple[str, grpc.StatusCode, str] | None:
+        """Why a call to ``rpc`` with this ``authorization`` header is refused (the reason for
+        the failures metric, the status, the message); None: it may go ahead."""
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return (
+                "missing",
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing credentials: send the metadata 'authorization: Bearer <token>' "
+                "(the refit CLI sends REFIT_TOKEN)",
+            )
+        role = self.role_of(token.strip())
+        if role is None:
+            return "invalid", grpc.StatusCode.UNAUTHENTICATED, "invalid token"
+        if not may_call(role, rpc):
+            return (
+                "forbidden",
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"a {role} token may not call {rpc or 'this method'}; it needs an admin token",
+            )
+        return None
+
     def role_of(self, token: str) -> str | None:
         """The token's role, or None. Compares against every token, in constant time."""
         digest, found = _digest(token), None
@@ -79,50 +97,3 @@ class Authenticator:
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
-
-
-class AuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator) -> None:
-        self.authenticator = authenticator
-
-    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
-        method = handler_call_details.method
-        handler = continuation(handler_call_details)
-        if handler is None or method.startswith(OPEN_SERVICES):
-            return handler
-        rpc = method.rsplit("/", 1)[-1] if method.startswith(REFIT_SERVICE) else ""
-        denial = self._denial(rpc, dict(handler_call_details.invocation_metadata or ()))
-        if denial is None:
-            return handler
-        reason, code, message = denial
-        AUTH_FAILURES.labels(rpc or "other", reason).inc()
-
-        def deny(behavior: Callable) -> Callable:
-            def denied(request: Any, context: grpc.ServicerContext) -> Any:
-                context.abort(code, message)
-
-            return denied
-
-        return wrap_handler(handler, deny, deny)
-
-    def _denial(
-        self, rpc: str, metadata: dict[str, str]
-    ) -> tuple[str, grpc.StatusCode, str] | None:
-        scheme, _, token = metadata.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return (
-                "missing",
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing credentials: send the metadata 'authorization: Bearer <token>' "
-                "(the refit CLI sends REFIT_TOKEN)",
-            )
-        role = self.authenticator.role_of(token.strip())
-        if role is None:
-            return "invalid", grpc.StatusCode.UNAUTHENTICATED, "invalid token"
-        if not may_call(role, rpc):
-            return (
-                "forbidden",
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"a {role} token may not call {rpc or 'this method'}; it needs an admin token",
-            )
-        return None

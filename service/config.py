@@ -58,6 +58,8 @@ class TlsSettings:
 @dataclass(frozen=True)
 class ServiceSettings:
     grpc_address: str = "127.0.0.1:50051"
+    # grpc.health.v1 alone, on a server and thread of its own (probes); also on grpc_address
+    health_address: str = "127.0.0.1:50054"
     metrics_address: str = "127.0.0.1:9101"
     torchserve_inference: str = "127.0.0.1:7070"
     torchserve_management: str = "127.0.0.1:7071"
@@ -85,10 +87,17 @@ class ServiceSettings:
     reconcile_retry_s: float = 2.0  # first wait before retrying a version TorchServe refused
     reconcile_retry_max_s: float = 300.0  # the backoff doubles up to this
     stream_window: int = 8  # PredictStream images in flight at once per call
-    workers: int = 32  # gRPC threads, and the most RPCs in progress at once
-    # Streaming calls at once (from_env: half the workers): unary calls and health checks always
-    # keep the other threads.
+    workers: int = 32  # servicer threads, and the most authenticated calls in progress at once
+    # Streaming calls at once (from_env: half the workers): unary calls keep the other threads.
     max_streams: int = 16
+    # Connections open at once per server (API, health): one more is refused (UNAVAILABLE).
+    max_connections: int = 256
+    # Per connection: HTTP/2 streams open at once (a client holds the rest until one ends).
+    max_streams_per_connection: int = 100
+    request_read_timeout_s: float = 20.0  # an authenticated call's message, after its headers
+    connection_idle_s: float = 300.0  # a connection with no call for this long is closed
+    keepalive_s: float = 60.0  # the server pings each connection this often (20 s to answer)
+    min_client_ping_s: float = 10.0  # a client pinging more often is disconnected
     trainer_address: str = "127.0.0.1:50052"  # the trainer's internal API
     trainer_timeout_s: float = 10.0  # per unary call to the trainer
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -111,6 +120,21 @@ class ServiceSettings:
             )
         if self.watch_interval_s <= 0:
             raise ValueError(f"REFIT_WATCH_INTERVAL_S must be > 0 (got {self.watch_interval_s})")
+        front_door = (
+            self.max_connections,
+            self.max_streams_per_connection,
+            self.request_read_timeout_s,
+            self.connection_idle_s,
+            self.keepalive_s,
+            self.min_client_ping_s,
+        )
+        if min(front_door) <= 0:
+            raise ValueError(
+                "REFIT_MAX_CONNECTIONS, REFIT_MAX_STREAMS_PER_CONNECTION, "
+                "REFIT_REQUEST_READ_TIMEOUT_S, "
+                "REFIT_CONNECTION_IDLE_S, REFIT_KEEPALIVE_S and REFIT_MIN_CLIENT_PING_S must be "
+                f"> 0 (got {', '.join(f'{v:g}' for v in front_door)})"
+            )
         if not 0 < self.max_streams < self.workers:
             raise ValueError(
                 f"REFIT_MAX_STREAMS ({self.max_streams}) must be between 1 and "
@@ -124,6 +148,7 @@ class ServiceSettings:
         workers = int(env.get("REFIT_GRPC_WORKERS", defaults.workers))
         return cls(
             grpc_address=env.get("REFIT_GRPC_ADDRESS", defaults.grpc_address),
+            health_address=env.get("REFIT_HEALTH_ADDRESS", defaults.health_address),
             metrics_address=env.get("REFIT_METRICS_ADDRESS", defaults.metrics_address),
             torchserve_inference=env.get(
                 "REFIT_TORCHSERVE_INFERENCE", defaults.torchserve_inference
@@ -162,6 +187,16 @@ class ServiceSettings:
             stream_window=int(env.get("REFIT_STREAM_WINDOW", defaults.stream_window)),
             workers=workers,
             max_streams=int(env.get("REFIT_MAX_STREAMS", 0)) or workers // 2,
+            max_connections=int(env.get("REFIT_MAX_CONNECTIONS", defaults.max_connections)),
+            max_streams_per_connection=int(
+                env.get("REFIT_MAX_STREAMS_PER_CONNECTION", defaults.max_streams_per_connection)
+            ),
+            request_read_timeout_s=float(
+                env.get("REFIT_REQUEST_READ_TIMEOUT_S", defaults.request_read_timeout_s)
+            ),
+            connection_idle_s=float(env.get("REFIT_CONNECTION_IDLE_S", defaults.connection_idle_s)),
+            keepalive_s=float(env.get("REFIT_KEEPALIVE_S", defaults.keepalive_s)),
+            min_client_ping_s=float(env.get("REFIT_MIN_CLIENT_PING_S", defaults.min_client_ping_s)),
             trainer_address=env.get("REFIT_TRAINER_ADDRESS", defaults.trainer_address),
             trainer_timeout_s=float(env.get("REFIT_TRAINER_TIMEOUT_S", defaults.trainer_timeout_s)),
             storage=StorageSettings.from_env(env),

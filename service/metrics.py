@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from typing import Any
-
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
-
-from refit.errors import wrap_handler
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIZE_BUCKETS = tuple(2**i for i in range(10, 25, 2))  # 1 KiB .. 16 MiB
@@ -22,7 +16,13 @@ RPC_REQUESTS = Counter(
 RPC_LATENCY = Histogram(
     "refit_rpc_latency_seconds", "gRPC handling time", ["method"], buckets=LATENCY_BUCKETS
 )
-RPC_IN_FLIGHT = Gauge("refit_rpc_in_flight", "gRPC requests being handled now", ["method"])
+RPC_IN_FLIGHT = Gauge(
+    "refit_rpc_in_flight", "gRPC requests being handled now (each holds a thread)", ["method"]
+)
+RPC_AWAITING_MESSAGE = Gauge(
+    "refit_rpc_awaiting_message",
+    "Authenticated calls whose request message has not arrived yet (no thread held)",
+)
 UPSTREAM_LATENCY = Histogram(
     "refit_upstream_latency_seconds",
     "TorchServe call time, by call",
@@ -134,45 +134,9 @@ def observe_payload(method: str, image_bytes: int) -> None:
     PAYLOAD_BYTES.labels(method).observe(image_bytes)
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts every RPC by method and final status code, and times it."""
-
-    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        handler = continuation(handler_call_details)
-        return wrap_handler(
-            handler, lambda b: _observe_unary(b, method), lambda b: _observe_stream(b, method)
-        )
-
-
-def _observe_unary(behavior: Callable, method: str) -> Callable:
-    def observed(request: Any, context: grpc.ServicerContext) -> Any:
-        start = time.perf_counter()
-        RPC_IN_FLIGHT.labels(method).inc()
-        try:
-            return behavior(request, context)
-        finally:
-            _record(method, context, start)
-
-    return observed
-
-
-def _observe_stream(behavior: Callable, method: str) -> Callable:
-    def observed(request: Any, context: grpc.ServicerContext) -> Iterator:
-        start = time.perf_counter()
-        RPC_IN_FLIGHT.labels(method).inc()
-        try:
-            yield from behavior(request, context)
-        finally:
-            _record(method, context, start)
-
-    return observed
-
-
-def _record(method: str, context: grpc.ServicerContext, start: float) -> None:
-    RPC_IN_FLIGHT.labels(method).dec()
-    RPC_LATENCY.labels(method).observe(time.perf_counter() - start)
-    code = context.code() or grpc.StatusCode.OK
+def record_call(method: str, code: grpc.StatusCode, seconds: float) -> None:
+    """Every RPC, by method and final status code, and its time (auth refusals included)."""
+    RPC_LATENCY.labels(method).observe(seconds)
     RPC_REQUESTS.labels(method, code.name).inc()
 
 

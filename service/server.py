@@ -1,4 +1,8 @@
-"""Builds and runs the refit gRPC server: ``python -m service.server``."""
+"""Builds and runs the refit gRPC server: ``python -m service.server``.
+
+The API is grpc's asyncio server on an event loop of its own, behind one interceptor (the front
+door, service/frontdoor.py); the synchronous servicer runs on REFIT_GRPC_WORKERS threads. Health
+is also served alone on REFIT_HEALTH_ADDRESS, by another asyncio server on another thread."""
 
 from __future__ import annotations
 
@@ -10,25 +14,25 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from refit import logs
-from refit.errors import ErrorInterceptor
-from refit.limits import StreamLimitInterceptor
-from refit.netutil import add_health_and_reflection, bind, wait_for_signal
+from refit.netutil import wait_for_signal
 from refit.publish import Publisher
 from refit.registry import Registry
 from refit.storage import StoreUnreachable
 from refit.torchserve import Targets, TorchServeClient
 from refit.torchserve.keys import key_source
 from refit.v1 import refit_pb2, refit_pb2_grpc
-from service.access_log import AccessLogInterceptor
-from service.auth import Authenticator, AuthInterceptor
+from service.aio_servers import LoopServer, connection_options
+from service.auth import Authenticator
 from service.catalog import ModelCatalog
 from service.config import ServiceSettings
+from service.frontdoor import FrontDoor
 from service.job_events import JobHub
 from service.jobs import Jobs
-from service.metrics import MetricsInterceptor, observe_upstream
+from service.metrics import observe_upstream
 from service.predictions import Predictor
 from service.reconciler import Reconciler
 from service.replica_sync import RetryPolicy
@@ -44,9 +48,9 @@ MESSAGE_OVERHEAD = 64 << 10  # room for the fields around the image
 
 @dataclass
 class RefitServer:
-    server: grpc.Server
-    port: int
-    health: health.HealthServicer
+    api: LoopServer
+    probes: LoopServer  # health alone, on REFIT_HEALTH_ADDRESS
+    pool: ThreadPoolExecutor  # the servicer's threads
     reconciler: Reconciler
     torchserve: TorchServeClient
     stop_event: threading.Event
@@ -54,8 +58,17 @@ class RefitServer:
     hub: JobHub  # the one trainer subscription, shared by WatchJob callers
     workers: Workers
 
+    @property
+    def port(self) -> int:
+        return self.api.port
+
+    @property
+    def health_port(self) -> int:
+        return self.probes.port
+
     def start(self, reconcile_interval_s: float, watch_interval_s: float = 1.0) -> None:
-        self.server.start()
+        self.probes.start()
+        self.api.start()
         threading.Thread(target=self._watch_health, daemon=True, name="health").start()
         threading.Thread(
             target=self.reconciler.run_forever,
@@ -79,7 +92,9 @@ class RefitServer:
         self.stop_event.set()
         self.reconciler.wake()
         self.hub.close()
-        self.server.stop(grace_s).wait()
+        self.api.stop(grace_s)
+        self.probes.stop(0)
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self.workers.close()
         self.torchserve.close()
         self.trainer.close()
@@ -94,8 +109,8 @@ class RefitServer:
             self.stop_event.wait(0.2)
 
     def _set_health(self, status: int) -> None:
-        self.health.set("", status)
-        self.health.set(SERVICE_NAME, status)
+        for server in (self.api, self.probes):
+            server.set_health(("", SERVICE_NAME), status)
 
 
 def build_server(settings: ServiceSettings) -> RefitServer:
@@ -139,48 +154,53 @@ def build_server(settings: ServiceSettings) -> RefitServer:
     )
     reconciler = reconcilers[0]
     predictor = Predictor(settings, catalog, torchserve, workers)
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="grpc"),
-        interceptors=_interceptors(settings),
-        options=[("grpc.max_receive_message_length", settings.max_image_bytes + MESSAGE_OVERHEAD)],
-        maximum_concurrent_rpcs=settings.workers,  # one more: RESOURCE_EXHAUSTED, not a queue
-    )
     trainer = TrainerClient(settings.trainer_address, timeout_s=settings.trainer_timeout_s)
     hub = JobHub(trainer, on_success=catalog.refresh)  # the trainer may have promoted
     jobs = Jobs(trainer, catalog, Publisher(store, settings.bucket, torchserve), hub)
-    refit_pb2_grpc.add_RefitServicer_to_server(
-        RefitServicer(predictor, catalog, settings.stream_window, jobs, reconciler), server
-    )
-    health_servicer = add_health_and_reflection(server, SERVICE_NAME)
-    credentials = settings.tls.server_credentials() if settings.tls.enabled else None
-    port = bind(server, settings.grpc_address, credentials)
+    servicer = RefitServicer(predictor, catalog, settings.stream_window, jobs, reconciler)
+
+    def add_services(server: grpc.aio.Server) -> None:
+        refit_pb2_grpc.add_RefitServicer_to_server(servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+
+    pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="refit")
+    options = connection_options(settings)
+    probes = LoopServer("health-server", settings.health_address, options)
+    try:
+        api = LoopServer(
+            "grpc-server",
+            settings.grpc_address,
+            [
+                *options,
+                ("grpc.max_receive_message_length", settings.max_image_bytes + MESSAGE_OVERHEAD),
+            ],
+            interceptors=[_front_door(settings, pool)],
+            add_services=add_services,
+            credentials=settings.tls.server_credentials() if settings.tls.enabled else None,
+        )
+    except BaseException:
+        probes.stop(0)
+        raise
     return RefitServer(
-        server,
-        port,
-        health_servicer,
-        reconciler,
-        torchserve,
-        threading.Event(),
-        trainer,
-        hub,
-        workers,
+        api, probes, pool, reconciler, torchserve, threading.Event(), trainer, hub, workers
     )
 
 
-def _interceptors(settings: ServiceSettings) -> list[grpc.ServerInterceptor]:
-    """Outermost first: every call is logged and counted, auth failures included."""
-    auth = []
+def _front_door(settings: ServiceSettings, pool: ThreadPoolExecutor) -> FrontDoor:
+    authenticator = None
     if settings.auth.enabled:
-        auth = [AuthInterceptor(Authenticator(settings.auth.checked()))]
+        authenticator = Authenticator(settings.auth.checked())
     else:
         log.warning("REFIT_INSECURE_NO_AUTH is set: every RPC is open to anyone who connects")
-    return [
-        AccessLogInterceptor(),
-        MetricsInterceptor(),
-        *auth,
-        StreamLimitInterceptor(settings.max_streams, "REFIT_MAX_STREAMS"),
-        ErrorInterceptor(),
-    ]
+    return FrontDoor(
+        authenticator,
+        pool,
+        max_calls=settings.workers,
+        max_streams=settings.max_streams,
+        read_timeout_s=settings.request_read_timeout_s,
+    )
 
 
 def main() -> None:
@@ -191,9 +211,10 @@ def main() -> None:
     refit = build_server(settings)
     refit.start(settings.reconcile_interval_s, settings.watch_interval_s)
     log.info(
-        "refit service on %s (%s; metrics on %s)",
+        "refit service on %s (%s; health on %s, metrics on %s)",
         settings.grpc_address,
         "TLS" if settings.tls.enabled else "plaintext",
+        settings.health_address,
         settings.metrics_address,
     )
     wait_for_signal()

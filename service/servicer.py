@@ -1,4 +1,5 @@
-"""Thin gRPC servicer: proto <-> domain conversion only; errors are mapped by ErrorInterceptor."""
+"""Thin gRPC servicer: proto <-> domain conversion only; errors are mapped by the front door
+(service/frontdoor.py), which runs these methods on its threads."""
 
 from __future__ import annotations
 
@@ -184,4 +185,7 @@ def _version(record: VersionRecord, is_default: bool) -> pb.ModelVersion:
             batch_size=record.batching.batch_size,
             max_batch_delay_ms=record.batching.max_batch_delay_ms,
         ),
+        precision=pb.PRECISION_INT8 if record.precision == "int8" else pb.PRECISION_FP32,
+        fp32_accuracy=record.fp32_accuracy,
+        int8_accuracy=record.int8_accuracy,
     )

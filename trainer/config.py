@@ -71,6 +71,8 @@ class TrainConfig:
     resume: bool = True
     log_every: int = 10  # batches between progress events
     checkpoint_interval_s: float = 600.0  # also checkpoint within an epoch this often; 0: never
+    precision: str = "auto"  # auto: int8 served when it costs no accuracy (precision.py); fp32
+    int8_max_drop: float = 0.3  # accuracy points int8 may lose on the val split and be served
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -89,6 +91,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.checkpoint_interval_s < 0:
             raise ValueError(f"checkpoint_interval_s must be >= 0: {self.checkpoint_interval_s}")
+        if self.precision not in ("auto", "fp32"):
+            raise ValueError(f"precision must be 'auto' or 'fp32', got {self.precision!r}")
+        if self.int8_max_drop < 0:
+            raise ValueError(f"int8_max_drop must be >= 0 points, got {self.int8_max_drop}")
 
     @property
     def complete(self) -> bool:
@@ -125,7 +131,7 @@ class TrainConfig:
         """Same config on the same data -> same run id, so a rerun resumes its checkpoint."""
         fields = asdict(self)
         volatile = ("run_id", "resume", "workers", "log_every", "device", "version",
-                    "checkpoint_interval_s")  # fmt: skip
+                    "checkpoint_interval_s", "precision", "int8_max_drop")  # fmt: skip
         for name in volatile:
             fields.pop(name)
         blob = json.dumps([fields, dataset_digest], sort_keys=True, default=str)
@@ -206,6 +212,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=600.0,
         help="also checkpoint within a long epoch this often (seconds; 0: at epoch ends only)",
     )
+    a(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32"),
+        help="auto: serve int8 when it costs at most --int8-max-drop points of val accuracy",
+    )
+    a("--int8-max-drop", type=float, default=0.3, help="accuracy points int8 may lose")
     return parser
 
 
@@ -240,6 +253,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         run_id=args.run_id,
         resume=args.resume,
         checkpoint_interval_s=args.checkpoint_interval_s,
+        precision=args.precision,
+        int8_max_drop=args.int8_max_drop,
     )
 
 

@@ -106,7 +106,10 @@ def _train(
         run_id=run_id,
         hyperparameters=config.hyperparameters(),
     )
-    return TrainedModel(model, class_names, result, lineage, pre)
+    # This rank alone reads both splits whole, through the evaluation transform (serving_model.py)
+    single = replace(hw, rank=0, world_size=1)
+    checks = open_data(config, store, single, eval_transform(pre), eval_transform(pre))
+    return TrainedModel(model, class_names, result, lineage, pre, checks)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Image transforms. Evaluation mirrors the serving handler exactly (same Preprocessing), so the
+"""Image transforms. Evaluation mirrors the serving handlers (same Preprocessing), so the
 accuracy measured at validation is the accuracy served."""
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ def batch_mix(aug: Augmentation, classes: int) -> BatchMix | None:
 
 
 def eval_transform(pre: Preprocessing) -> Transform:
-    """What the serving handler computes (trainer/serving/handler.py ``Preprocess``, written
-    without torchvision), to the bit: tests/trainer/test_transforms.py."""
+    """What the serving handlers compute: the ONNX handler (trainer/serving/onnx_handler.py,
+    Pillow and numpy) within one 8-bit level (tests/trainer/serving/test_onnx_preprocessing.py),
+    the TorchScript one (trainer/serving/handler.py, torch alone) to the bit
+    (tests/trainer/test_transforms.py)."""
     return v2.Compose(
         [
             v2.Lambda(to_rgb),

@@ -178,6 +178,7 @@ def test_jobs_run_once_and_servers_restart(compose):
     ("key", "value"),
     [
         ("REFIT_GRPC_ADDRESS", "0.0.0.0:50051"),
+        ("REFIT_HEALTH_ADDRESS", "0.0.0.0:50054"),  # the image's HEALTHCHECK probes it
         ("REFIT_METRICS_ADDRESS", "0.0.0.0:9101"),
         ("REFIT_TORCHSERVE_INFERENCE", "dns:///torchserve:7070"),
         ("REFIT_TORCHSERVE_MANAGEMENT", "dns:///torchserve:7071"),

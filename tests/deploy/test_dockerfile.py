@@ -77,6 +77,17 @@ def test_targets_run_as_a_numeric_non_root_user_with_a_healthcheck(target):
     assert any(keyword == "CMD" for keyword, _ in steps)
 
 
+def test_the_service_image_probes_health_on_its_own_port():
+    # No API call, authenticated or not, can keep this probe waiting (issue 25).
+    steps = stages()["service"][1]
+    env = " ".join(args for keyword, args in steps if keyword == "ENV").split()
+    assert {"REFIT_HEALTH_ADDRESS=0.0.0.0:50054", "REFIT_GRPC_ADDRESS=0.0.0.0:50051"} <= set(env)
+    exposed = " ".join(args for keyword, args in steps if keyword == "EXPOSE").split()
+    assert {"50051", "50054"} <= set(exposed)
+    (probe,) = [args for keyword, args in steps if keyword == "HEALTHCHECK"]
+    assert probe.endswith('healthcheck.py", "grpc", "env:REFIT_HEALTH_ADDRESS"]')
+
+
 def test_the_trainer_image_probes_health_on_its_own_port():
     # The job API's threads and streams cannot keep this probe waiting (issue 23).
     steps = stages()["trainer"][1]

@@ -296,9 +296,9 @@ def test_gpu_only_in_the_gpu_overlay(rendered):
     assert device == "cuda"
 
 
-# The port each workload's grpc.health.v1 answers on: the trainer's has its own server and
-# threads, so job calls and watch streams cannot make it miss a probe (issue 23).
-HEALTH_PORTS = {"refit-service": "grpc", "refit-trainer": "health"}
+# The port each workload's grpc.health.v1 answers on: each has its own server and threads, so
+# no API call or stream, authenticated or not, can make it miss a probe (issues 23 and 25).
+HEALTH_PORTS = {"refit-service": "health", "refit-trainer": "health"}
 
 
 @pytest.mark.parametrize(("workload", "port_name"), HEALTH_PORTS.items())
@@ -313,6 +313,15 @@ def test_readiness_is_the_grpc_health_check(rendered, workload, port_name):
         port_name,
         health_port,
     )
+
+
+def test_the_service_serves_health_where_its_probes_look(rendered):
+    container = _container(rendered["base"], "refit-service")
+    ports = named_ports({"spec": {"containers": [container]}})
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["REFIT_HEALTH_ADDRESS"] == f"0.0.0.0:{ports['health']}"
+    assert env["REFIT_GRPC_ADDRESS"] == f"0.0.0.0:{ports['grpc']}"
+    assert ports["health"] != ports["grpc"]
 
 
 def test_the_trainer_serves_health_where_its_probes_look(rendered):

@@ -53,6 +53,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> StackSettings:
     return StackSettings(
         storage=StorageSettings(data_dir=tmp_path_factory.mktemp("stack") / "data"),
         grpc_address=f"127.0.0.1:{free_port()}",
+        health_address=f"127.0.0.1:{free_port()}",
         metrics_address=f"127.0.0.1:{free_port()}",
         prometheus_address=f"127.0.0.1:{free_port()}",
         scrape_interval="1s",
@@ -312,6 +313,7 @@ def test_ports_come_from_the_environment() -> None:
         "REFIT_TORCHSERVE_INFERENCE": "127.0.0.1:17070",
         "REFIT_TORCHSERVE_MANAGEMENT": "127.0.0.1:17071",
         "REFIT_GRPC_ADDRESS": "127.0.0.1:15051",
+        "REFIT_HEALTH_ADDRESS": "127.0.0.1:15054",
         "REFIT_PROMETHEUS_ADDRESS": "127.0.0.1:19090",
         "REFIT_TRAINER_HEALTH_ADDRESS": "127.0.0.1:15053",
     }
@@ -320,6 +322,7 @@ def test_ports_come_from_the_environment() -> None:
     assert settings.grpc_address == "127.0.0.1:15051"
     # The trainer serves health where `make up` waits for it.
     assert settings.service_env()["REFIT_TRAINER_HEALTH_ADDRESS"] == "127.0.0.1:15053"
+    assert settings.service_env()["REFIT_HEALTH_ADDRESS"] == "127.0.0.1:15054"  # and the service
     assert settings.scrape_targets()["torchserve"] == "127.0.0.1:18082"
     # The service reads TorchServe's inference counters there (idle workers, service/workers.py).
     assert settings.service_env()["REFIT_TORCHSERVE_METRICS"] == "127.0.0.1:18082"

@@ -66,6 +66,20 @@ def test_batching_is_recorded_and_older_records_get_the_defaults(
     assert registry.get("birds", "2").batching == Batching()
 
 
+def test_precision_and_accuracies_round_trip_and_older_records_are_fp32(
+    registry: Registry, file_store: FileStore
+) -> None:
+    int8 = replace(record("1"), precision="int8", fp32_accuracy=0.91, int8_accuracy=0.909)
+    registry.add(int8)
+    assert registry.get("birds", "1") == int8
+    older = json.loads(record("2").to_json())
+    for name in ("precision", "fp32_accuracy", "int8_accuracy"):
+        del older[name]  # written before precisions were chosen: TorchScript, fp32
+    file_store.put("refit", "registry/birds/versions/2.json", json.dumps(older).encode())
+    loaded = registry.get("birds", "2")
+    assert (loaded.precision, loaded.fp32_accuracy, loaded.int8_accuracy) == ("fp32", None, None)
+
+
 @pytest.mark.parametrize(
     ("size", "delay_ms"), [(0, 5), (MAX_BATCH_SIZE + 1, 5), (8, 0), (8, MAX_BATCH_DELAY_MS + 1)]
 )

@@ -132,6 +132,7 @@ def service_settings(
     keys = "" if isinstance(torchserve, TorchServePorts) else torchserve.keys
     fields = {
         "grpc_address": "127.0.0.1:0",
+        "health_address": "127.0.0.1:0",
         "torchserve_inference": f"127.0.0.1:{ports.grpc_inference}",
         "torchserve_management": f"127.0.0.1:{ports.grpc_management}",
         "torchserve_management_rest": f"127.0.0.1:{ports.management}",
@@ -151,6 +152,7 @@ def offline_settings(data_dir: Path, **overrides: object) -> ServiceSettings:
     nowhere = f"127.0.0.1:{free_port()}"
     fields = {
         "grpc_address": "127.0.0.1:0",
+        "health_address": "127.0.0.1:0",
         "torchserve_inference": nowhere,
         "torchserve_management": nowhere,
         "trainer_address": nowhere,

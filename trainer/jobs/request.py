@@ -43,7 +43,18 @@ def train_config(request: dict, settings: TrainerSettings, *, job_id: str = "",
         resume=True,
         checkpoint_interval_s=settings.checkpoint_interval_s,
         log_every=1,  # every batch reaches the sink: TRAINING starts at the first one
+        precision=precision_for(request),
+        int8_max_drop=settings.int8_max_drop,
     )
+
+
+def precision_for(request: dict) -> str:
+    """Serve fp32 when the request asks for it, else "auto": int8 when it costs no accuracy."""
+    asked = request.get("precision", "PRECISION_UNSPECIFIED")
+    if asked == "PRECISION_INT8":
+        raise ValueError("precision: int8 is served only when it costs no accuracy; leave "
+                         "precision unset for that, or ask for PRECISION_FP32")  # fmt: skip
+    return "fp32" if asked == "PRECISION_FP32" else "auto"
 
 
 def batching_for(request: dict, settings: TrainerSettings) -> Batching:

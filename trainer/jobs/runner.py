@@ -91,6 +91,9 @@ class TrainingRunner:
                     job_id=job.id,
                 ),
                 batching=batching_for(job.request, self.settings),
+                precision=result.precision,
+                fp32_accuracy=result.fp32_accuracy,
+                int8_accuracy=result.int8_accuracy,
             )
         else:
             context.set_state(PUBLISHING)  # trained and recorded before a restart

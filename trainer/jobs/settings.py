@@ -26,6 +26,7 @@ class TrainerSettings:
     torchserve_keys: str = ""
     bucket: str = "refit"
     gate_margin: float = 0.0  # a candidate needs val_accuracy >= default's + this
+    int8_max_drop: float = 0.3  # accuracy points int8 may lose and still be served
     device: str = "auto"
     loader_workers: int | None = None  # DataLoader processes per job; None: by host
     processes_per_job: int = 1  # > 1: each job trains as that many torchrun processes (DDP)
@@ -56,6 +57,10 @@ class TrainerSettings:
                 f"REFIT_TRAINER_MAX_STREAMS must be 1 or more (one per service replica), got "
                 f"{self.max_streams}"
             )
+        if self.int8_max_drop < 0:
+            raise ValueError(
+                f"REFIT_INT8_MAX_DROP_POINTS must be 0 or more points, got {self.int8_max_drop}"
+            )
         if self.checkpoint_interval_s < 0:
             raise ValueError(
                 "REFIT_TRAINER_CHECKPOINT_INTERVAL_S must be 0 (epoch ends only) or more seconds, "
@@ -76,6 +81,7 @@ class TrainerSettings:
             torchserve_keys=env.get("REFIT_TORCHSERVE_KEYS", d.torchserve_keys),
             bucket=env.get("REFIT_BUCKET", d.bucket),
             gate_margin=float(env.get("REFIT_GATE_MARGIN", d.gate_margin)),
+            int8_max_drop=float(env.get("REFIT_INT8_MAX_DROP_POINTS", d.int8_max_drop)),
             device=env.get("REFIT_TRAINER_DEVICE", d.device),
             loader_workers=_optional_int(env.get("REFIT_TRAINER_LOADER_WORKERS", "auto")),
             processes_per_job=int(env.get("REFIT_TRAINER_PROCESSES_PER_JOB", d.processes_per_job)),

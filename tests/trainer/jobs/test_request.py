@@ -48,6 +48,17 @@ def test_batching_of_the_new_version_is_the_requests_or_the_trainers() -> None:
     assert batching_for(asked, settings) == Batching(16, 20)
 
 
+def test_a_request_may_ask_for_fp32_and_the_int8_limit_is_the_trainers() -> None:
+    """Proto JSON names the enum value; unset: int8 when it costs no accuracy."""
+    settings = TrainerSettings(int8_max_drop=0.5)
+    base = {"model": "m", "dataset_uri": "s3://data/p"}
+    assert train_config(base, settings).precision == "auto"
+    assert train_config(base, settings).int8_max_drop == 0.5
+    assert train_config({**base, "precision": "PRECISION_FP32"}, settings).precision == "fp32"
+    with pytest.raises(ValueError, match="int8 is served only when it costs no accuracy"):
+        train_config({**base, "precision": "PRECISION_INT8"}, settings)
+
+
 @pytest.mark.parametrize(
     ("request_", "error"),
     [
