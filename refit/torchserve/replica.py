@@ -71,8 +71,10 @@ class ReplicaClient:
         self._management = management_pb2_grpc.ManagementAPIsServiceStub(self.channel)
         self.inference_channel = grpc.insecure_channel(replica.inference, CHANNEL_OPTIONS)
         self._inference = inference_pb2_grpc.InferenceAPIsServiceStub(self.inference_channel)
+        self.closed = False
 
     def close(self) -> None:
+        self.closed = True
         self.channel.close()
         self.inference_channel.close()
 
@@ -315,6 +317,11 @@ class ReplicaClient:
             except KeyRefused as exc:
                 if not self._retry_with_new_keys(keys, exc, attempt):
                     raise
+            except RefitError as exc:
+                if self.closed:  # grpc cancelled the call: the replica left the targets' answer
+                    raise Unavailable(f"TorchServe at {self.name} left during {call} for "
+                                      f"{subject}; retry") from exc  # fmt: skip
+                raise
         raise AssertionError("unreachable")
 
     def _retry_with_new_keys(self, held: Keys, refused: KeyRefused, attempt: int) -> bool:
