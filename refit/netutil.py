@@ -9,8 +9,7 @@ import time
 from collections.abc import Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def free_port() -> int:
@@ -45,16 +44,6 @@ def wait_for_signal() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())
     stopped.wait()
-
-
-def add_health_and_reflection(server: grpc.Server, service_name: str) -> health.HealthServicer:
-    """The standard health service and server reflection, so any gRPC client can discover us."""
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection(
-        (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    return servicer
 
 
 def bind(

@@ -10,16 +10,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from deploy.containers import healthcheck
-from refit.netutil import add_health_and_reflection, free_port
+from refit.netutil import free_port
 
 
 @pytest.fixture
 def grpc_health() -> Iterator[tuple[str, object]]:
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    servicer = add_health_and_reflection(server, "test.Service")
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield f"127.0.0.1:{port}", servicer
