@@ -1,7 +1,8 @@
 """GPU check: the CUDA paths of refit, exercised once, with images/s for each (under 8 minutes).
 
 1. fine-tune in this process on CUDA: bf16 autocast and channels_last (trainer/hardware.py),
-   DataLoader workers streaming a generated dataset from an S3 server (moto, as the tests use);
+   DataLoader workers streaming a generated dataset from an S3 server (moto, as the tests use;
+   bench/gpu_dataset.py);
    images/s and the fraction of step time spent waiting for data (target < 10%);
 2. the same training as a ``torchrun --nproc-per-node 1 -m trainer.train`` job;
 3. an NCCL all-reduce under ``torchrun --nproc-per-node 1`` (trainer.train joins a process group
@@ -21,7 +22,6 @@ Usage: .venv/bin/python bench/gpu_check.py [--cpu]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -33,13 +33,13 @@ import time
 import traceback
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from gpu_dataset import BUCKET, moto_server, shape_image, upload_dataset  # bench/, beside this
 
 from refit.netutil import free_port
 from refit.registry import Batching
@@ -51,11 +51,6 @@ NO_CUDA = (
     "Run it on a GPU host, or pass --cpu for a dry run of the same steps on the CPU."
 )
 REPO = Path(__file__).resolve().parents[1]
-BUCKET = "gpucheck"
-COLOURS = [
-    (220, 40, 40), (40, 190, 60), (40, 60, 220), (230, 220, 40), (200, 60, 200),
-    (60, 200, 200), (250, 140, 20), (120, 120, 120), (20, 20, 20), (245, 245, 245),
-]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -110,62 +105,6 @@ class Context:
             "MINIO_SECRET_KEY": self.storage.secret_key,
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         }
-
-
-# --- the object store and the dataset ----------------------------------------------------------
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[StorageSettings]:
-    port = free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    process = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        settings = StorageSettings(
-            endpoint=f"http://127.0.0.1:{port}", access_key="gpucheck", secret_key="gpucheck"
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                settings.open().ensure_bucket(BUCKET)
-                break
-            except Exception:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
-        yield settings
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def shape_image(label: int, rng: np.random.Generator, size: int) -> bytes:
-    """Class = the colour of a shape on a noisy background."""
-    noise = rng.integers(0, 256, (size, size, 3), dtype=np.uint8) // 3 + 60
-    image = Image.fromarray(noise.astype(np.uint8))
-    low, high = rng.integers(0, size // 4, 2), rng.integers(3 * size // 4, size, 2)
-    ImageDraw.Draw(image).ellipse([*low.tolist(), *high.tolist()], fill=COLOURS[label])
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=90)
-    return out.getvalue()
-
-
-def upload_dataset(store: ObjectStore, sizes: Sizes) -> None:
-    """Explicit train/ and val/ folders: the training set is a whole number of batches."""
-    rng = np.random.default_rng(0)
-    counts = {"train": sizes.per_class, "val": sizes.val_per_class}
-    objects = [
-        (f"data/{split}/class{label}/{i}.jpg", shape_image(label, rng, sizes.image_px))
-        for split, count in counts.items()
-        for label in range(sizes.classes)
-        for i in range(count)
-    ]
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda item: store.put(BUCKET, *item), objects))
 
 
 # --- the steps ---------------------------------------------------------------------------------

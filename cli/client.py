@@ -9,38 +9,39 @@ Environment: ``REFIT_TOKEN`` (else the local stack's tokens file, see refit.toke
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import grpc
 
+from refit.settings import field_for, from_env, setting
+from refit.shared_settings import SERVICE_ADDRESS
 from refit.tokens import client_token
 
 
 @dataclass(frozen=True)
 class ClientSettings:
-    address: str = "127.0.0.1:50051"
-    token: str = field(default="", repr=False)
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    address: str = field_for(SERVICE_ADDRESS)
+    token: str = field(default="", repr=False)  # refit.tokens.client_token
+    ca_file: Path | None = setting(
+        "REFIT_TLS_CA_FILE", None, "CA the CLI trusts; set: the channel uses TLS", parse=Path
+    )
+    cert_file: Path | None = setting(
+        "REFIT_TLS_CLIENT_CERT_FILE",
+        None,
+        "the CLI's client certificate (PEM), for a service that demands one",
+        parse=Path,
+    )
+    key_file: Path | None = setting(
+        "REFIT_TLS_CLIENT_KEY_FILE", None, "the client certificate's private key", parse=Path
+    )
 
     @classmethod
-    def from_env(cls, address: str, env: dict[str, str] | None = None) -> ClientSettings:
-        env = dict(os.environ if env is None else env)
-
-        def path(name: str) -> Path | None:
-            return Path(env[name]) if env.get(name) else None
-
-        return cls(
-            address=address,
-            token=client_token(env),
-            ca_file=path("REFIT_TLS_CA_FILE"),
-            cert_file=path("REFIT_TLS_CLIENT_CERT_FILE"),
-            key_file=path("REFIT_TLS_CLIENT_KEY_FILE"),
-        )
+    def from_env(cls, address: str, env: Mapping[str, str] | None = None) -> ClientSettings:
+        env = os.environ if env is None else env
+        return from_env(cls, env, address=address, token=client_token(env))
 
 
 def connect(settings: ClientSettings) -> grpc.Channel:

@@ -9,12 +9,13 @@ import json
 import os
 
 from refit.gc import collect_garbage
+from refit.shared_settings import BUCKET
 from refit.storage import StorageSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("gc", help="remove archives and checkpoints nothing needs")
-    parser.add_argument("--bucket", default=os.environ.get("REFIT_BUCKET", "refit"))
+    parser.add_argument("--bucket", default=BUCKET.value(os.environ))
     parser.add_argument("--dry-run", action="store_true", help="list, remove nothing")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(run=run_gc)

@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from cli.client import ClientSettings, connect
+from refit.shared_settings import SERVICE_ADDRESS
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
-        default=os.environ.get("REFIT_ADDRESS", "127.0.0.1:50051"),
+        default=SERVICE_ADDRESS.value(os.environ),
         help="refit service (env REFIT_ADDRESS)",
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")

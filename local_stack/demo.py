@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from cli.client import ClientSettings, connect
 from cli.jobs import progress_line, summary
 from refit.netutil import wait_serving
+from refit.shared_settings import SERVICE_ADDRESS
 from refit.storage import ObjectStore, StorageSettings
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
@@ -107,7 +108,7 @@ def follow(stub: refit_pb2_grpc.RefitStub, job_id: str) -> pb.Job:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--address", default=os.environ.get("REFIT_ADDRESS", "127.0.0.1:50051"))
+    parser.add_argument("--address", default=SERVICE_ADDRESS.value(os.environ))
     parser.add_argument("--model", default="demo")
     parser.add_argument("--per-class", type=int, default=40, help="training images per class")
     parser.add_argument("--held-out", type=int, default=10, help="test images per class")

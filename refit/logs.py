@@ -14,6 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+from refit.settings import declare, parse_choice
+
+LOG_FORMAT = declare(
+    "REFIT_LOG_FORMAT",
+    "text",
+    "text, or json: one JSON object per record, with its request_id and job_id",
+    parse=parse_choice("text", "json"),
+)
+LOG_LEVEL = declare("REFIT_LOG_LEVEL", "INFO", "lowest level logged: DEBUG, INFO, WARNING, ERROR")
+
 # Ids of the work this thread is doing now; set by the service interceptor or the job runner.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 job_id: contextvars.ContextVar[str] = contextvars.ContextVar("job_id", default="")
@@ -55,7 +65,7 @@ class TextFormatter(logging.Formatter):
 
 def configure(component: str, fmt: str | None = None, level: str | None = None) -> None:
     """Call once from a process's ``main``: never at import time."""
-    fmt = fmt or os.environ.get("REFIT_LOG_FORMAT", "text")
+    fmt = fmt or LOG_FORMAT.value(os.environ)
     handler = logging.StreamHandler()
     handler.addFilter(_ContextIds())
     if fmt == "json":
@@ -66,7 +76,7 @@ def configure(component: str, fmt: str | None = None, level: str | None = None) 
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level or os.environ.get("REFIT_LOG_LEVEL", "INFO"))
+    root.setLevel(level or LOG_LEVEL.value(os.environ))
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from refit.archives import ArchiveCheck
 from refit.errors import DeadlineExceeded, FailedPrecondition, NotFound, RefitError, Unavailable
 from refit.promotion import BaselineFn, GateDecision, decide
 from refit.registry import Registry, VersionRecord, check_model_name
+from refit.retry import Backoff, retry_call
 from refit.storage import ObjectStore, StoreUnreachable
 from refit.torchserve import ModelNotLoaded, NoWorker, TorchServeClient
 
@@ -158,22 +159,22 @@ class Publisher:
         and answering. While TorchServe is unreachable: retry with backoff, saying so."""
         model, version = record.model, record.version
         deadline = time.monotonic() + self.retry.wait_s
-        attempt = 0
-        while True:
+
+        def serve() -> None:
             try:
                 self._register(record)
                 self._smoke_test(record)
-                return
-            except RETRIED as exc:
-                reason = exc.message
+            except RETRIED:
+                raise
             except RefitError as exc:
                 with contextlib.suppress(RefitError):
                     self.torchserve.unregister(model, version)
                 raise PublishFailed(
                     f"{model} v{version} did not load or answer: {exc.message}"
                 ) from exc
-            attempt += 1
-            delay = min(self.retry.first_s * 2 ** (attempt - 1), self.retry.max_s)
+
+        def wait_or_give_up(exc: Exception, attempt: int, delay: float) -> None:
+            reason = exc.message  # one of RETRIED: all RefitErrors
             if time.monotonic() + delay > deadline:
                 raise TorchServeAway(
                     f"TorchServe stayed unreachable for {self.retry.wait_s:.0f}s ({reason}); "
@@ -185,6 +186,13 @@ class Publisher:
                 f"attempt {attempt}, next in {delay:.0f}s",
                 delay,
             )
+
+        retry_call(
+            serve,
+            retry_if=lambda exc: isinstance(exc, RETRIED),
+            backoff=Backoff(self.retry.first_s, self.retry.max_s),
+            wait=wait_or_give_up,
+        )
 
     def _register(self, record: VersionRecord) -> None:
         """On every TorchServe replica that lacks it (one that the service's reconciler loaded

@@ -13,11 +13,40 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from pathlib import Path
+
+from refit.settings import declaration, declare
+from refit.storage import StorageSettings
 
 ADMIN = "admin"
 PREDICT = "predict"
-ENV_NAMES = {ADMIN: "REFIT_ADMIN_TOKEN", PREDICT: "REFIT_PREDICT_TOKEN"}
+ADMIN_TOKEN = declare(
+    "REFIT_ADMIN_TOKEN",
+    "",
+    "admin tokens (every RPC), comma-separated for rotation; 16 or more random characters",
+    secret=True,
+)
+PREDICT_TOKEN = declare(
+    "REFIT_PREDICT_TOKEN",
+    "",
+    "predict tokens (Predict, PredictStream and the read RPCs), comma-separated",
+    secret=True,
+)
+TOKENS_FILE = declare(
+    "REFIT_TOKENS_FILE",
+    None,
+    "a file (mode 0600) of REFIT_ADMIN_TOKEN= and REFIT_PREDICT_TOKEN= lines, read as well",
+    parse=Path,
+)
+CLIENT_TOKEN = declare(
+    "REFIT_TOKEN",
+    "",
+    "the token the CLI sends; unset: the admin token of REFIT_TOKENS_FILE, else of "
+    "$REFIT_DATA_DIR/tokens.env",
+    secret=True,
+)
+ENV_NAMES = {ADMIN: ADMIN_TOKEN.name, PREDICT: PREDICT_TOKEN.name}
 TOKENS_FILE_NAME = "tokens.env"
 MIN_TOKEN_LENGTH = 16
 PLACEHOLDER = "change-me"  # .env.example's values: never accepted as a token
@@ -66,11 +95,11 @@ def read_tokens_file(path: Path) -> dict[str, str]:
     return values
 
 
-def role_tokens(env: dict[str, str]) -> dict[str, list[str]]:
+def role_tokens(env: Mapping[str, str]) -> dict[str, list[str]]:
     """Each role's tokens from the environment and ``REFIT_TOKENS_FILE``; checked."""
     sources = [env]
-    if env.get("REFIT_TOKENS_FILE"):
-        sources.append(read_tokens_file(Path(env["REFIT_TOKENS_FILE"])))
+    if (path := TOKENS_FILE.value(env)) is not None:
+        sources.append(read_tokens_file(path))
     roles = {
         role: [t.strip() for s in sources for t in s.get(name, "").split(",") if t.strip()]
         for role, name in ENV_NAMES.items()
@@ -92,13 +121,14 @@ def _check(roles: dict[str, list[str]]) -> None:
         raise TokenConfigError("the same token is given both roles; give each role its own")
 
 
-def client_token(env: dict[str, str] | None = None) -> str:
+def client_token(env: Mapping[str, str] | None = None) -> str:
     """The token the CLI sends: REFIT_TOKEN, else the admin token of REFIT_TOKENS_FILE, else of
     the local stack's file ($REFIT_DATA_DIR/tokens.env). Empty when none is found."""
-    env = dict(os.environ if env is None else env)
-    if env.get("REFIT_TOKEN"):
-        return env["REFIT_TOKEN"]
-    path = Path(env.get("REFIT_TOKENS_FILE") or tokens_file(env.get("REFIT_DATA_DIR", ".refit")))
+    env = os.environ if env is None else env
+    if token := CLIENT_TOKEN.value(env):
+        return token
+    data_dir = declaration(StorageSettings, "data_dir").value(env)
+    path = TOKENS_FILE.value(env) or tokens_file(data_dir)
     if not path.is_file():
         return ""
     admin = read_tokens_file(path).get(ENV_NAMES[ADMIN], "")

@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
 
+from refit.settings import declare
 from refit.tokens import ADMIN, PREDICT, TokenConfigError, role_tokens
 
 OPEN_SERVICES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
+)
+INSECURE_NO_AUTH = declare(
+    "REFIT_INSECURE_NO_AUTH",
+    False,
+    "serve every RPC to anyone, without tokens: local development only",
 )
 PREDICT_RPCS = frozenset(
     {"Predict", "PredictStream", "ListModels", "GetModel", "GetJob", "ListJobs", "WatchJob"}
@@ -38,8 +45,8 @@ class AuthSettings:
     enabled: bool = True
 
     @classmethod
-    def from_env(cls, env: dict[str, str]) -> AuthSettings:
-        if env.get("REFIT_INSECURE_NO_AUTH", "").lower() in ("1", "true", "yes"):
+    def from_env(cls, env: Mapping[str, str]) -> AuthSettings:
+        if INSECURE_NO_AUTH.value(env):
             return cls(enabled=False)
         roles = role_tokens(env)
         return cls(tuple(roles[ADMIN]), tuple(roles[PREDICT])).checked()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from refit import shared_settings as shared
+from refit.settings import field_for, from_env, nested, setting
 from refit.storage import StorageSettings
 from refit.torchserve import Targets
 from refit.torchserve.keys import key_source
@@ -21,9 +23,21 @@ class TlsSettings:
     """TLS on the public port: a server certificate, and client certificates when a client CA
     is given (then required). Unset: plaintext, for loopback and private networks only."""
 
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    client_ca_file: Path | None = None
+    cert_file: Path | None = setting(
+        "REFIT_TLS_CERT_FILE",
+        None,
+        "server certificate (PEM); set: the API port uses TLS",
+        parse=Path,
+    )
+    key_file: Path | None = setting(
+        "REFIT_TLS_KEY_FILE", None, "the server certificate's private key (PEM)", parse=Path
+    )
+    client_ca_file: Path | None = setting(
+        "REFIT_TLS_CLIENT_CA_FILE",
+        None,
+        "CA of the client certificates; set: every client must present one (mutual TLS)",
+        parse=Path,
+    )
 
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
@@ -34,17 +48,6 @@ class TlsSettings:
     @property
     def enabled(self) -> bool:
         return self.cert_file is not None
-
-    @classmethod
-    def from_env(cls, env: dict[str, str]) -> TlsSettings:
-        def path(name: str) -> Path | None:
-            return Path(env[name]) if env.get(name) else None
-
-        return cls(
-            path("REFIT_TLS_CERT_FILE"),
-            path("REFIT_TLS_KEY_FILE"),
-            path("REFIT_TLS_CLIENT_CA_FILE"),
-        )
 
     def server_credentials(self) -> grpc.ServerCredentials:
         client_ca = self.client_ca_file.read_bytes() if self.client_ca_file else None
@@ -57,54 +60,132 @@ class TlsSettings:
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    grpc_address: str = "127.0.0.1:50051"
-    # grpc.health.v1 alone, on a server and thread of its own (probes); also on grpc_address
-    health_address: str = "127.0.0.1:50054"
-    metrics_address: str = "127.0.0.1:9101"
-    torchserve_inference: str = "127.0.0.1:7070"
-    torchserve_management: str = "127.0.0.1:7071"
-    # TorchServe's REST management API, for scaling versions to 0 workers ("": not scaled down)
-    torchserve_management_rest: str = ""
-    # TorchServe's metrics API: its per-version inference counters, which every service
-    # replica's Predicts move, decide which versions are idle ("": this replica's own Predicts)
-    torchserve_metrics: str = ""
-    # Where each TorchServe replica's keys are (refit/torchserve/keys.py): "store", "file:PATH,..."
-    # or "" (only for a TorchServe with its token authorization off)
-    torchserve_keys: str = ""
-    bucket: str = "refit"
-    max_image_bytes: int = 8 * MiB
-    max_image_pixels: int = 40_000_000  # more decoded pixels than this: a decompression bomb
-    upstream_timeout_s: float = 30.0  # per TorchServe inference call, capped by the client deadline
-    register_timeout_s: float = 180.0  # registering a model starts a worker: seconds, not ms
-    reconcile_interval_s: float = 30.0
-    # Between passes: the registry's listing and each TorchServe replica are checked this often
-    # (a promotion through another service replica, a replica that died, restarted or joined).
-    watch_interval_s: float = 1.0
-    idle_worker_s: float = 300.0  # a version that is not a default loses its worker when idle
-    candidate_warm_s: float = 600.0  # a new version keeps its worker this long after publishing
-    max_warm_workers: int = 10  # most versions holding a worker at once (0: no bound)
-    scale_up_timeout_s: float = 60.0  # a Predict waits this long for a version's worker to start
-    reconcile_retry_s: float = 2.0  # first wait before retrying a version TorchServe refused
-    reconcile_retry_max_s: float = 300.0  # the backoff doubles up to this
-    stream_window: int = 8  # PredictStream images in flight at once per call
-    workers: int = 32  # servicer threads, and the most authenticated calls in progress at once
-    # Streaming calls at once (from_env: half the workers): unary calls keep the other threads.
-    max_streams: int = 16
-    # Connections open at once per server (API, health): one more is refused (UNAVAILABLE).
-    max_connections: int = 256
-    # Per connection: HTTP/2 streams open at once (a client holds the rest until one ends).
-    max_streams_per_connection: int = 100
-    request_read_timeout_s: float = 20.0  # an authenticated call's message, after its headers
-    connection_idle_s: float = 300.0  # a connection with no call for this long is closed
-    keepalive_s: float = 60.0  # the server pings each connection this often (20 s to answer)
-    min_client_ping_s: float = 10.0  # a client pinging more often is disconnected
-    trainer_address: str = "127.0.0.1:50052"  # the trainer's internal API
-    trainer_timeout_s: float = 10.0  # per unary call to the trainer
-    storage: StorageSettings = field(default_factory=StorageSettings)
-    auth: AuthSettings = field(default_factory=AuthSettings)
-    tls: TlsSettings = field(default_factory=TlsSettings)
+    """The front door's configuration (``python -m service.server``)."""
+
+    grpc_address: str = field_for(shared.GRPC_ADDRESS)
+    health_address: str = field_for(shared.HEALTH_ADDRESS)
+    metrics_address: str = field_for(shared.METRICS_ADDRESS)
+    torchserve_inference: str = field_for(shared.TORCHSERVE_INFERENCE)
+    torchserve_management: str = field_for(shared.TORCHSERVE_MANAGEMENT)
+    torchserve_management_rest: str = setting(
+        "REFIT_TORCHSERVE_MANAGEMENT_REST",
+        "",
+        "TorchServe's REST management API, one per replica, for scaling idle versions to 0 "
+        "workers; empty: versions are never scaled down",
+    )
+    torchserve_metrics: str = setting(
+        "REFIT_TORCHSERVE_METRICS",
+        "",
+        "TorchServe's metrics API, one per replica: its inference counters, which every service "
+        "replica's Predicts move, decide which versions are idle; empty: this replica's own",
+    )
+    torchserve_keys: str = field_for(shared.TORCHSERVE_KEYS)
+    bucket: str = field_for(shared.BUCKET)
+    max_image_bytes: int = setting(
+        "REFIT_MAX_IMAGE_BYTES", 8 * MiB, "largest image a Predict accepts, in bytes"
+    )
+    max_image_pixels: int = setting(
+        "REFIT_MAX_IMAGE_PIXELS",
+        40_000_000,
+        "most decoded pixels per image; more is refused as a decompression bomb",
+    )
+    upstream_timeout_s: float = setting(
+        "REFIT_UPSTREAM_TIMEOUT_S",
+        30.0,
+        "seconds per TorchServe inference call, capped by the client's deadline",
+    )
+    register_timeout_s: float = field_for(shared.REGISTER_TIMEOUT_S)
+    reconcile_interval_s: float = setting(
+        "REFIT_RECONCILE_INTERVAL_S",
+        30.0,
+        "seconds between passes that bring TorchServe in line with the registry",
+    )
+    watch_interval_s: float = setting(
+        "REFIT_WATCH_INTERVAL_S",
+        1.0,
+        "seconds between checks of the registry listing and each TorchServe replica, between "
+        "reconcile passes",
+    )
+    idle_worker_s: float = setting(
+        "REFIT_IDLE_WORKER_S",
+        300.0,
+        "a version that is not a default loses its worker when idle this long",
+    )
+    candidate_warm_s: float = setting(
+        "REFIT_CANDIDATE_WARM_S",
+        600.0,
+        "a newly published version keeps its worker this many seconds",
+    )
+    max_warm_workers: int = setting(
+        "REFIT_MAX_WARM_WORKERS", 10, "most versions holding a worker at once; 0: no bound"
+    )
+    scale_up_timeout_s: float = setting(
+        "REFIT_SCALE_UP_TIMEOUT_S",
+        60.0,
+        "seconds a Predict waits for a scaled-down version's worker to start",
+    )
+    reconcile_retry_s: float = setting(
+        "REFIT_RECONCILE_RETRY_S",
+        2.0,
+        "first wait, in seconds, before retrying a version TorchServe refused",
+    )
+    reconcile_retry_max_s: float = setting(
+        "REFIT_RECONCILE_RETRY_MAX_S", 300.0, "the retry wait doubles up to this many seconds"
+    )
+    stream_window: int = setting(
+        "REFIT_STREAM_WINDOW", 8, "PredictStream images in flight at once per call"
+    )
+    workers: int = setting(
+        "REFIT_GRPC_WORKERS",
+        32,
+        "servicer threads, and the most authenticated calls in progress at once",
+    )
+    max_streams: int = setting(
+        "REFIT_MAX_STREAMS",
+        0,
+        "streaming calls at once (unary calls keep the other threads); 0: half of "
+        "REFIT_GRPC_WORKERS",
+        shown="0 (half the workers)",
+    )
+    max_connections: int = setting(
+        "REFIT_MAX_CONNECTIONS",
+        256,
+        "connections open at once per server (API, health); one more is refused",
+    )
+    max_streams_per_connection: int = setting(
+        "REFIT_MAX_STREAMS_PER_CONNECTION",
+        100,
+        "HTTP/2 streams open at once per connection (a client holds the rest back)",
+    )
+    request_read_timeout_s: float = setting(
+        "REFIT_REQUEST_READ_TIMEOUT_S",
+        20.0,
+        "seconds to receive an authenticated call's message after its headers",
+    )
+    connection_idle_s: float = setting(
+        "REFIT_CONNECTION_IDLE_S",
+        300.0,
+        "a connection with no call for this many seconds is closed",
+    )
+    keepalive_s: float = setting(
+        "REFIT_KEEPALIVE_S",
+        60.0,
+        "seconds between the server's pings on each connection (20 s to answer)",
+    )
+    min_client_ping_s: float = setting(
+        "REFIT_MIN_CLIENT_PING_S", 10.0, "a client pinging more often than this is disconnected"
+    )
+    trainer_address: str = field_for(shared.TRAINER_ADDRESS)
+    trainer_timeout_s: float = setting(
+        "REFIT_TRAINER_TIMEOUT_S", 10.0, "seconds per unary call to the trainer"
+    )
+    storage: StorageSettings = nested(StorageSettings)
+    auth: AuthSettings = nested(AuthSettings)
+    tls: TlsSettings = nested(TlsSettings)
 
     def __post_init__(self) -> None:
+        if self.max_streams == 0:
+            object.__setattr__(self, "max_streams", self.workers // 2)
         targets = Targets.parse(  # ValueError: bad targets
             self.torchserve_inference,
             self.torchserve_management,
@@ -142,64 +223,5 @@ class ServiceSettings:
             )
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> ServiceSettings:
-        env = dict(os.environ if env is None else env)
-        defaults = cls()
-        workers = int(env.get("REFIT_GRPC_WORKERS", defaults.workers))
-        return cls(
-            grpc_address=env.get("REFIT_GRPC_ADDRESS", defaults.grpc_address),
-            health_address=env.get("REFIT_HEALTH_ADDRESS", defaults.health_address),
-            metrics_address=env.get("REFIT_METRICS_ADDRESS", defaults.metrics_address),
-            torchserve_inference=env.get(
-                "REFIT_TORCHSERVE_INFERENCE", defaults.torchserve_inference
-            ),
-            torchserve_management=env.get(
-                "REFIT_TORCHSERVE_MANAGEMENT", defaults.torchserve_management
-            ),
-            torchserve_management_rest=env.get(
-                "REFIT_TORCHSERVE_MANAGEMENT_REST", defaults.torchserve_management_rest
-            ),
-            torchserve_metrics=env.get("REFIT_TORCHSERVE_METRICS", defaults.torchserve_metrics),
-            torchserve_keys=env.get("REFIT_TORCHSERVE_KEYS", defaults.torchserve_keys),
-            idle_worker_s=float(env.get("REFIT_IDLE_WORKER_S", defaults.idle_worker_s)),
-            candidate_warm_s=float(env.get("REFIT_CANDIDATE_WARM_S", defaults.candidate_warm_s)),
-            max_warm_workers=int(env.get("REFIT_MAX_WARM_WORKERS", defaults.max_warm_workers)),
-            scale_up_timeout_s=float(
-                env.get("REFIT_SCALE_UP_TIMEOUT_S", defaults.scale_up_timeout_s)
-            ),
-            bucket=env.get("REFIT_BUCKET", defaults.bucket),
-            max_image_bytes=int(env.get("REFIT_MAX_IMAGE_BYTES", defaults.max_image_bytes)),
-            max_image_pixels=int(env.get("REFIT_MAX_IMAGE_PIXELS", defaults.max_image_pixels)),
-            upstream_timeout_s=float(
-                env.get("REFIT_UPSTREAM_TIMEOUT_S", defaults.upstream_timeout_s)
-            ),
-            register_timeout_s=float(
-                env.get("REFIT_REGISTER_TIMEOUT_S", defaults.register_timeout_s)
-            ),
-            reconcile_interval_s=float(
-                env.get("REFIT_RECONCILE_INTERVAL_S", defaults.reconcile_interval_s)
-            ),
-            watch_interval_s=float(env.get("REFIT_WATCH_INTERVAL_S", defaults.watch_interval_s)),
-            reconcile_retry_s=float(env.get("REFIT_RECONCILE_RETRY_S", defaults.reconcile_retry_s)),
-            reconcile_retry_max_s=float(
-                env.get("REFIT_RECONCILE_RETRY_MAX_S", defaults.reconcile_retry_max_s)
-            ),
-            stream_window=int(env.get("REFIT_STREAM_WINDOW", defaults.stream_window)),
-            workers=workers,
-            max_streams=int(env.get("REFIT_MAX_STREAMS", 0)) or workers // 2,
-            max_connections=int(env.get("REFIT_MAX_CONNECTIONS", defaults.max_connections)),
-            max_streams_per_connection=int(
-                env.get("REFIT_MAX_STREAMS_PER_CONNECTION", defaults.max_streams_per_connection)
-            ),
-            request_read_timeout_s=float(
-                env.get("REFIT_REQUEST_READ_TIMEOUT_S", defaults.request_read_timeout_s)
-            ),
-            connection_idle_s=float(env.get("REFIT_CONNECTION_IDLE_S", defaults.connection_idle_s)),
-            keepalive_s=float(env.get("REFIT_KEEPALIVE_S", defaults.keepalive_s)),
-            min_client_ping_s=float(env.get("REFIT_MIN_CLIENT_PING_S", defaults.min_client_ping_s)),
-            trainer_address=env.get("REFIT_TRAINER_ADDRESS", defaults.trainer_address),
-            trainer_timeout_s=float(env.get("REFIT_TRAINER_TIMEOUT_S", defaults.trainer_timeout_s)),
-            storage=StorageSettings.from_env(env),
-            auth=AuthSettings.from_env(env),
-            tls=TlsSettings.from_env(env),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServiceSettings:
+        return from_env(cls, env)

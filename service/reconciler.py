@@ -21,11 +21,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from refit.errors import Unavailable
+from refit.retry import Backoff
 from refit.storage import ObjectStore
 from refit.torchserve import ReplicaClient, TorchServeClient
 from service import metrics
 from service.catalog import ModelCatalog, ModelEntry
-from service.replica_sync import DefaultRetries, ReplicaSync, RetryPolicy, WorkerCounts
+from service.replica_sync import DefaultRetries, ReplicaSync, WorkerCounts
 from service.rotation import (
     FAILED,
     REGISTERED,
@@ -57,13 +58,13 @@ class Reconciler:
         store: ObjectStore,
         bucket: str,
         torchserve: TorchServeClient,
-        retry: RetryPolicy | None = None,
+        retry: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
         workers: Workers | None = None,
     ) -> None:
         self.catalog = catalog
         self.torchserve = torchserve
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or Backoff(2.0, 300.0)
         self.clock = clock
         self.workers = workers
         self.sync = ReplicaSync(store, bucket, self.retry, clock, workers)

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from refit.archives import ArchiveCheck
 from refit.errors import RefitError, Unavailable
 from refit.registry import VersionRecord
+from refit.retry import Backoff
 from refit.storage import ObjectStore
 from refit.torchserve import ReplicaClient, ServedVersion
 from service import metrics
@@ -37,21 +37,12 @@ WorkerCounts = dict[tuple[str, str], int]  # one replica: (model, version) -> it
 DefaultRetries = dict[tuple[str, str], tuple[int, float]]
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    first_s: float = 2.0
-    max_s: float = 300.0
-
-    def delay(self, attempts: int) -> float:
-        return min(self.first_s * 2 ** max(attempts - 1, 0), self.max_s)
-
-
 class ReplicaSync:
     def __init__(
         self,
         store: ObjectStore,
         bucket: str,
-        retry: RetryPolicy,
+        retry: Backoff,
         clock: Callable[[], float],
         workers: Workers | None,
     ) -> None:

@@ -21,6 +21,7 @@ from refit import logs
 from refit.netutil import wait_for_signal
 from refit.publish import Publisher
 from refit.registry import Registry
+from refit.retry import Backoff
 from refit.storage import StoreUnreachable
 from refit.torchserve import Targets, TorchServeClient
 from refit.torchserve.keys import key_source
@@ -35,7 +36,6 @@ from service.jobs import Jobs
 from service.metrics import observe_upstream
 from service.predictions import Predictor
 from service.reconciler import Reconciler
-from service.replica_sync import RetryPolicy
 from service.servicer import RefitServicer
 from service.trainer_client import TrainerClient
 from service.watch import Watch
@@ -148,7 +148,7 @@ def build_server(settings: ServiceSettings) -> RefitServer:
         settings.scale_up_timeout_s,
     )
     workers = Workers(torchserve, policy)
-    retry = RetryPolicy(settings.reconcile_retry_s, settings.reconcile_retry_max_s)
+    retry = Backoff(settings.reconcile_retry_s, settings.reconcile_retry_max_s)
     reconcilers.append(
         Reconciler(catalog, store, settings.bucket, torchserve, retry, workers=workers)
     )

@@ -11,13 +11,10 @@ README *Workers*), so a worker per published version makes memory grow with ever
   at most ``scale_up_timeout_s`` (or its own deadline) before failing UNAVAILABLE;
 - a version that is not a default and got no Predict for ``idle_s`` goes back to 0 workers;
   a Predict in flight through this service always keeps its version's worker;
-- at most ``max_warm`` versions hold a worker (0: no bound): starting one more first stops the
-  least recently used. Starting a default (a promotion, ``warm_defaults``, a Predict for a
-  default the budget stopped) stops versions that are not a default first, then young
-  candidates (published within ``candidate_warm_s``), then defaults. Starting any other version
-  stops only versions that are neither a default nor a young candidate: a predict caller naming
-  old versions can neither evict the defaults nor a candidate in its promotion gate. When that
-  cannot make room the Predict fails RESOURCE_EXHAUSTED and nothing is stopped. A publish
+- at most ``max_warm`` versions hold a worker (0: no bound): starting one more first stops
+  others, least recently used first, in the order of service/worker_budget.py: a predict caller
+  naming old versions can neither evict the defaults nor a candidate in its promotion gate; when
+  that cannot make room the Predict fails RESOURCE_EXHAUSTED and nothing is stopped. A publish
   whose new version loses its worker to a default starts it again for its smoke test
   (refit.publish).
 
@@ -45,6 +42,7 @@ from dataclasses import dataclass, field
 from refit.errors import DeadlineExceeded, RefitError, ResourceExhausted, Unavailable
 from refit.torchserve import TorchServeClient
 from service import metrics
+from service.worker_budget import Budget
 from service.worker_use import Key, SharedUse
 
 log = logging.getLogger(__name__)
@@ -88,6 +86,7 @@ class Workers:
     ) -> None:
         self.torchserve = torchserve
         self.policy = policy or WorkerPolicy()
+        self.budget = Budget(self.policy.max_warm)
         self.clock, self.wall = clock, wall
         self.can_stop = bool(torchserve.targets.rest)  # scaling to 0 needs the REST API
         self.shares_use = bool(torchserve.targets.metrics)  # TorchServe's counters tell use
@@ -224,9 +223,8 @@ class Workers:
 
     def _over_budget(self, extra: Key | None = None) -> list[Key]:
         """The versions to stop (claimed) so that at most ``max_warm`` hold a worker with
-        ``extra`` started, in the module docstring's order. For an ``extra`` that is not a
-        default, only versions that are neither defaults nor young candidates may go: when those
-        are too few, ResourceExhausted, and nothing is claimed."""
+        ``extra`` started (service/worker_budget.py); ResourceExhausted, and nothing is claimed,
+        when ``extra`` cannot be made room for."""
         if not self.policy.max_warm or not self.can_stop:
             return []
         with self._lock:
@@ -234,33 +232,18 @@ class Workers:
             # counting them would make two concurrent starts each refuse for the other.
             starting = {k for k, move in self._moves.items() if move.up and move.admitted}
             stopping = {k for k, move in self._moves.items() if not move.up}
-            warm = (self._holding - stopping) | starting | ({extra} if extra else set())
-            excess = len(warm) - self.policy.max_warm
-            victims: list[Key] = []
-            if excess > 0:
-                young = self._young(self.wall())
-                candidates = sorted(
-                    self._holding - {extra} - set(self._moves) - set(self._in_flight),
-                    key=lambda k: (k in self._defaults, k in young, self._last_used.get(k, 0.0)),
-                )
-                if extra is not None and extra not in self._defaults:
-                    candidates = [k for k in candidates if k not in self._defaults | young]
-                    if len(candidates) < excess:
-                        raise self._budget_full(extra)
-                victims = candidates[:excess]
-                self._claim(victims)
+            victims = self.budget.victims(
+                warm=(self._holding - stopping) | starting | ({extra} if extra else set()),
+                stoppable=self._holding - {extra} - set(self._moves) - set(self._in_flight),
+                extra=extra,
+                defaults=self._defaults,
+                young=self._young(self.wall()),
+                last_used=self._last_used,
+            )
+            self._claim(victims)
             if extra in self._moves:
                 self._moves[extra].admitted = True
         return victims
-
-    def _budget_full(self, key: Key) -> ResourceExhausted:
-        model, version = key
-        return ResourceExhausted(
-            f"{model} v{version} is not started: all {self.policy.max_warm} warm workers "
-            "(REFIT_MAX_WARM_WORKERS) serve defaults, candidates published within "
-            "REFIT_CANDIDATE_WARM_S, or Predicts in progress, and none of those is stopped for "
-            "a version that is not a default; retry later, or raise REFIT_MAX_WARM_WORKERS"
-        )
 
     def _idle(self) -> list[Key]:
         """Versions to stop as idle (claimed). With the shared counters, each is first checked

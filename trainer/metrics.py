@@ -14,6 +14,16 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from refit.settings import declare
+
+# prometheus_client reads it too; declared here as the trainer's configuration.
+MULTIPROC_DIR = declare(
+    "PROMETHEUS_MULTIPROC_DIR",
+    None,
+    "an empty directory where the trainer's processes (DataLoader workers too) share metrics",
+    parse=Path,
+)
+
 DATASET_OBJECTS_READ = Counter(
     "refit_dataset_objects_read_total",
     "Objects (images or shards) read from the object store by training datasets.",
@@ -82,20 +92,20 @@ TRAINER_JOB_PHASE_SECONDS = Histogram(
 def forget_dead_processes() -> None:
     """At start-up: the gauges of a previous trainer (restarted by the supervisor) and its dead
     workers must not be reported as live. Counters stay: they are totals."""
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not folder:
+    folder = MULTIPROC_DIR.value(os.environ)
+    if folder is None:
         return
-    for path in Path(folder).glob("gauge_live*_*.db"):
+    for path in folder.glob("gauge_live*_*.db"):
         pid = int(path.stem.rsplit("_", 1)[1])
         if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
-            mark_process_dead(pid, folder)
+            mark_process_dead(pid, str(folder))
 
 
 def serve(address: str) -> None:
     """Serves /metrics on ``host:port``; with every process's values in multiprocess mode."""
     host, _, port = address.rpartition(":")
     registry = None
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if MULTIPROC_DIR.value(os.environ) is not None:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
     start_http_server(int(port), addr=host, **({"registry": registry} if registry else {}))

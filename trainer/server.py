@@ -35,7 +35,8 @@ from refit.torchserve.keys import key_source
 from refit.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from refit.v1 import refit_pb2 as pb
 from trainer import metrics
-from trainer.jobs.manager import JobManager, JobRunner
+from trainer.jobs.context import JobRunner
+from trainer.jobs.manager import JobManager
 from trainer.jobs.protos import job_to_proto, request_to_dict, state_names
 from trainer.jobs.records import JobRecord, JobStore
 from trainer.jobs.runner import TrainingRunner

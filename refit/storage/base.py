@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +13,7 @@ import grpc
 
 from refit.errors import RefitError
 from refit.identifiers import InvalidIdentifier, check_bucket, check_key, check_prefix
+from refit.settings import from_env, setting
 
 
 class StorageError(RefitError):
@@ -99,30 +99,38 @@ class ObjectStore(Protocol):
 class StorageSettings:
     """Where objects live. ``endpoint`` empty means the embedded FileStore under ``data_dir``."""
 
-    endpoint: str = ""
-    access_key: str = ""
-    secret_key: str = ""
-    secure: bool = False
-    region: str = "us-east-1"
-    data_dir: Path = Path(".refit")
+    endpoint: str = setting(
+        "MINIO_ENDPOINT",
+        "",
+        "S3 endpoint, host:port (MinIO or any S3); empty: the embedded store in REFIT_DATA_DIR",
+    )
+    access_key: str = setting("MINIO_ACCESS_KEY", "", "the store's access key")
+    secret_key: str = setting("MINIO_SECRET_KEY", "", "the store's secret key", secret=True)
+    secure: bool = setting("MINIO_SECURE", False, "reach the store over HTTPS")
+    region: str = setting("MINIO_REGION", "us-east-1", "the store's region")
+    ca_file: Path | None = setting(
+        "SSL_CERT_FILE",
+        None,
+        "CA bundle trusted for an HTTPS store; unset: certifi's bundle",
+        parse=Path,
+    )
+    data_dir: Path = setting(
+        "REFIT_DATA_DIR",
+        Path(".refit"),
+        "state of the local stack: the embedded object store, logs, tokens, TorchServe's files",
+    )
     # Per connection attempt and per socket read (not per object), then `retries` more tries:
     # a store that hangs costs a request at most about (retries + 1) * timeout_s.
-    timeout_s: float = 10.0
-    retries: int = 2
+    timeout_s: float = setting(
+        "REFIT_STORAGE_TIMEOUT_S", 10.0, "seconds per store connection attempt and socket read"
+    )
+    retries: int = setting(
+        "REFIT_STORAGE_RETRIES", 2, "more tries after a store call fails or times out"
+    )
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> StorageSettings:
-        env = dict(os.environ if env is None else env)
-        return cls(
-            endpoint=env.get("MINIO_ENDPOINT", ""),
-            access_key=env.get("MINIO_ACCESS_KEY", ""),
-            secret_key=env.get("MINIO_SECRET_KEY", ""),
-            secure=env.get("MINIO_SECURE", "false").lower() in ("1", "true", "yes"),
-            region=env.get("MINIO_REGION", "us-east-1"),
-            data_dir=Path(env.get("REFIT_DATA_DIR", ".refit")),
-            timeout_s=float(env.get("REFIT_STORAGE_TIMEOUT_S", cls.timeout_s)),
-            retries=int(env.get("REFIT_STORAGE_RETRIES", cls.retries)),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StorageSettings:
+        return from_env(cls, env)
 
     def to_env(self) -> dict[str, str]:
         """The variables ``from_env`` reads, for a child process (the embedded store's directory

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -117,7 +116,7 @@ def _http_client(settings: StorageSettings):
         timeout=urllib3.Timeout(connect=settings.timeout_s, read=settings.timeout_s),
         maxsize=10,
         cert_reqs="CERT_REQUIRED",
-        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        ca_certs=str(settings.ca_file or certifi.where()),
         retries=urllib3.Retry(
             total=settings.retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
         ),

@@ -4,27 +4,14 @@ machine, so it is run by hand, not in the suite (docs/benchmarks.md, *GPU check*
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
-
-
-@pytest.fixture(scope="module")
-def gpu_check() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this host has CUDA")
@@ -35,24 +22,6 @@ def test_without_cuda_it_exits_2_saying_why() -> None:
     assert done.returncode == 2
     assert "no CUDA device is visible" in done.stderr and "--cpu" in done.stderr
     assert done.stdout == ""  # nothing started
-
-
-@pytest.mark.parametrize("cpu", [True, False])
-def test_the_training_set_is_whole_batches(gpu_check, cpu: bool) -> None:
-    """A last batch of one image fails BatchNorm in training mode."""
-    sizes = gpu_check.Sizes.for_device(cpu)
-    assert sizes.classes * sizes.per_class % sizes.batch == 0
-    assert sizes.classes <= len(gpu_check.COLOURS)
-
-
-def test_the_dataset_has_explicit_splits(gpu_check, file_store) -> None:
-    file_store.ensure_bucket(gpu_check.BUCKET)
-    sizes = gpu_check.Sizes.for_device(cpu=True)
-    gpu_check.upload_dataset(file_store, sizes)
-    keys = [info.key for info in file_store.list(gpu_check.BUCKET, "data/")]
-    train = [k for k in keys if k.startswith("data/train/")]
-    assert len(train) == sizes.classes * sizes.per_class
-    assert len(keys) - len(train) == sizes.classes * sizes.val_per_class
 
 
 def test_the_table_shows_failures_on_one_line(gpu_check) -> None:

@@ -24,6 +24,15 @@ NAMESPACE = "refit"
 GPU = "nvidia.com/gpu"
 IMAGES = {"refit-service", "refit-torchserve", "refit-trainer"}  # the Dockerfile's targets
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+# Each layout a user applies, and whether its trainer gets a GPU; the extras, applied beside one.
+LAYOUTS = {"base": False, "overlays/gpu": True}
+EXTRAS = ["secrets-example", "minio-tenant"]
+# Scrape jobs, named as the alert rules expect, and their metrics ports.
+JOBS = {"refit-service": 9101, "torchserve": 8082, "refit-trainer": 9102}
+
+
+def workload_container(objects: list[dict], workload: str) -> dict:
+    return one(objects, "Deployment", workload)["spec"]["template"]["spec"]["containers"][0]
 
 
 def render(layout: str) -> list[dict]:

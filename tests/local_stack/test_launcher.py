@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -29,7 +28,8 @@ import pytest
 
 from cli import main as refit_cli
 from cli.client import ClientSettings, connect
-from local_stack.launcher import Stack, StackSettings
+from local_stack.launcher import Stack
+from local_stack.settings import StackSettings
 from local_stack.torchserve import TorchServePorts
 from refit.netutil import wait_serving
 from refit.registry import Registry, VersionRecord
@@ -288,44 +288,6 @@ def test_broken_version_then_down_and_up_keeps_the_state(
     assert "imagenet  default v1" in run.models_listing, run.models_listing
     assert "colours  default v1" in run.models_listing, run.models_listing
     assert run.status_after_up == 0
-
-
-def test_stopping_never_signals_a_process_it_did_not_start(tmp_path: Path) -> None:
-    """The old pid-file manager SIGTERMed (then SIGKILLed) whatever process had reused the pid
-    of a stale run/*.pid file; supervisord signals only its own children."""
-    bystander = subprocess.Popen(["sleep", "60"])
-    try:
-        run = tmp_path / "data" / "run"
-        run.mkdir(parents=True)
-        for name in ("service", "trainer", "prometheus", "supervisord"):
-            (run / f"{name}.pid").write_text(str(bystander.pid))
-        Stack(StackSettings(storage=StorageSettings(data_dir=tmp_path / "data"))).down()
-        assert bystander.poll() is None, "make down killed a process it did not start"
-    finally:
-        bystander.kill()
-        bystander.wait()
-
-
-def test_ports_come_from_the_environment() -> None:
-    # Parsed only: nothing binds these ports, so fixed numbers cannot collide.
-    env = {
-        "REFIT_TORCHSERVE_HTTP_PORTS": "18080,18081,18082",
-        "REFIT_TORCHSERVE_INFERENCE": "127.0.0.1:17070",
-        "REFIT_TORCHSERVE_MANAGEMENT": "127.0.0.1:17071",
-        "REFIT_GRPC_ADDRESS": "127.0.0.1:15051",
-        "REFIT_HEALTH_ADDRESS": "127.0.0.1:15054",
-        "REFIT_PROMETHEUS_ADDRESS": "127.0.0.1:19090",
-        "REFIT_TRAINER_HEALTH_ADDRESS": "127.0.0.1:15053",
-    }
-    settings = StackSettings.from_env(env)
-    assert settings.torchserve == TorchServePorts(18080, 18081, 18082, 17070, 17071)
-    assert settings.grpc_address == "127.0.0.1:15051"
-    # The trainer serves health where `make up` waits for it.
-    assert settings.service_env()["REFIT_TRAINER_HEALTH_ADDRESS"] == "127.0.0.1:15053"
-    assert settings.service_env()["REFIT_HEALTH_ADDRESS"] == "127.0.0.1:15054"  # and the service
-    assert settings.scrape_targets()["torchserve"] == "127.0.0.1:18082"
-    # The service reads TorchServe's inference counters there (idle workers, service/workers.py).
-    assert settings.service_env()["REFIT_TORCHSERVE_METRICS"] == "127.0.0.1:18082"
 
 
 def check_tokens(settings: StackSettings) -> None:

@@ -19,7 +19,7 @@ from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
 from tests.service.conftest import PREDICT_TOKEN, connect, offline_settings, start_service
 from tests.trainer.jobs.test_manager import ScriptedRunner
-from trainer.jobs.manager import JobContext
+from trainer.jobs.context import JobContext
 from trainer.jobs.records import PUBLISHING, TRAINING, JobCancelled, JobRecord
 from trainer.jobs.settings import TrainerSettings
 from trainer.server import TrainerServer, build_server

@@ -5,8 +5,8 @@ the service and the trainer each under its own identity with the policy minio-in
 One model (``colours``) goes through three jobs in order: a deliberately poor first version
 (promoted: nothing to compare with), a good one (promoted by the gate while Predict traffic
 flows), a poor one again (stays a candidate). Then defaults, deletion, listing, each job's
-checkpoint deleted, cancellation, one active job per model, `refit gc` with the trainer's
-identity, and a trainer process killed mid-job and restarted.
+checkpoint deleted, cancellation, one active job per model, and `refit gc` with the trainer's
+identity. A trainer killed mid-job: test_retrain_restart.py; none at all: test_trainer_down.py.
 """
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ import contextlib
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from unittest import mock
 
 import grpc
@@ -32,46 +28,28 @@ import pytest
 import cli as refit_cli
 from local_stack.torchserve import TorchServeProcess
 from refit.registry import Batching, Registry
-from refit.storage import S3Store, S3Uri, StorageSettings
-from refit.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from refit.storage import S3Store
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
-from tests.conftest import MotoServer, free_port, wait_for_port
+from tests.conftest import MotoServer
 from tests.service.conftest import ADMIN_TOKEN, connect, service_settings, start_service
+from tests.service.retraining import (
+    RUN_STATES,
+    UNKNOWN_JOB,
+    retrain,
+    states,
+    trainer_identity,
+    trainer_settings,
+    watch,
+)
 from tests.trainer.synthetic import CLASS_NAMES, colour_image, png_bytes, upload_colours
-from trainer.jobs.settings import TrainerSettings
 from trainer.server import TrainerServer, build_server
 
 SIZE = 48
 GOOD = pb.Hyperparameters(epochs=3, batch_size=16, lr=3e-3, crop_size=SIZE)
 POOR = pb.Hyperparameters(epochs=1, batch_size=16, lr=1e-9, crop_size=SIZE, seed=7)
-UNKNOWN_JOB = "job-20000101T000000-00000000"  # well formed, never issued
-RUN_STATES = ("LOADING_DATA", "TRAINING", "EXPORTING", "PUBLISHING", "SUCCEEDED")
 pytestmark = pytest.mark.integration
-
-
-def trainer_identity(moto: MotoServer, bucket: str, dataset: str) -> StorageSettings:
-    """The trainer's least-privilege identity for ``bucket``, reading datasets from
-    ``dataset``'s bucket (in production: the ``datasets`` bucket)."""
-    return moto.identity("trainer", bucket, datasets=S3Uri.parse(dataset).bucket)
-
-
-def trainer_settings(
-    moto: MotoServer, bucket: str, ts: TorchServeProcess, dataset: str
-) -> TrainerSettings:
-    return TrainerSettings(
-        grpc_address="127.0.0.1:0",
-        health_address="127.0.0.1:0",
-        torchserve_inference=f"127.0.0.1:{ts.ports.grpc_inference}",
-        torchserve_management=f"127.0.0.1:{ts.ports.grpc_management}",
-        torchserve_keys=ts.keys,
-        bucket=bucket,
-        device="cpu",
-        loader_workers=0,  # tiny datasets: worker processes cost more than they save
-        log_every=1,
-        storage=trainer_identity(moto, bucket, dataset),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +99,6 @@ def held_out() -> list[tuple[bytes, str]]:
     ]
 
 
-def retrain(api: refit_pb2_grpc.RefitStub, model: str, dataset: str, **fields) -> pb.Job:
-    request = pb.RetrainRequest(model=model, dataset_uri=dataset, created_by="tests", **fields)
-    return api.Retrain(request, timeout=30)
-
-
-def watch(api: refit_pb2_grpc.RefitStub, job_id: str, timeout: float = 300) -> list[pb.JobEvent]:
-    return list(api.WatchJob(pb.WatchJobRequest(id=job_id), timeout=timeout))
-
-
 def accuracy(api, model: str, images: list[tuple[bytes, str]], version: str = "") -> float:
     hits = 0
     for image, label in images:
@@ -137,11 +106,6 @@ def accuracy(api, model: str, images: list[tuple[bytes, str]], version: str = ""
         answer = api.Predict(request, timeout=30)
         hits += answer.predictions[0].label == label
     return hits / len(images)
-
-
-def states(events: list[pb.JobEvent]) -> list[str]:
-    names = [pb.JobState.Name(e.job.state) for e in events]
-    return [s for i, s in enumerate(names) if i == 0 or names[i - 1] != s]
 
 
 # --- one model through three jobs -----------------------------------------------------------------
@@ -366,26 +330,6 @@ def test_bad_retrain_requests_are_refused_at_submit(api, dataset: str, fields: d
     assert not api.ListJobs(pb.ListJobsRequest(model="refused"), timeout=10).jobs  # not queued
 
 
-def test_trainer_down_is_unavailable_with_a_hint(
-    moto_server: MotoServer, refit_bucket: str, torchserve: TorchServeProcess
-) -> None:
-    nowhere = f"127.0.0.1:{free_port()}"
-    settings = service_settings(moto_server, refit_bucket, torchserve, trainer_address=nowhere)
-    refit = start_service(settings, wait_ready=False)
-    try:
-        with connect(refit.port) as channel:
-            stub = refit_pb2_grpc.RefitStub(channel)
-            with pytest.raises(grpc.RpcError) as caught:
-                retrain(stub, "colours", "s3://data/colours")
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert f"trainer at {nowhere} could not take the call" in caught.value.details()
-            with pytest.raises(grpc.RpcError) as caught:
-                list(stub.WatchJob(pb.WatchJobRequest(id=UNKNOWN_JOB), timeout=10))
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        refit.stop()
-
-
 def test_unknown_job(api) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         api.GetJob(pb.GetJobRequest(id=UNKNOWN_JOB), timeout=10)
@@ -440,99 +384,3 @@ def test_refit_gc_with_the_trainer_identity_removes_what_no_version_needs(
     left = {o.key for p in ("archives/colours/", "weights/colours/")
             for o in root.list(refit_bucket, p)}  # fmt: skip
     assert left == needed
-
-
-# --- a trainer process killed mid-job -------------------------------------------------------------
-
-
-class TrainerProcess:
-    def __init__(
-        self, storage: StorageSettings, bucket: str, ts: TorchServeProcess, log: Path
-    ) -> None:
-        self.port = free_port()
-        self.log = log
-        self.env = {
-            **os.environ,
-            **storage.to_env(),
-            "REFIT_BUCKET": bucket,
-            "REFIT_TRAINER_GRPC_ADDRESS": f"127.0.0.1:{self.port}",
-            "REFIT_TRAINER_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
-            "REFIT_TRAINER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
-            "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ts.ports.grpc_inference}",
-            "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ts.ports.grpc_management}",
-            "REFIT_TORCHSERVE_KEYS": ts.keys,
-            "REFIT_TRAINER_DEVICE": "cpu",
-            "REFIT_TRAINER_LOADER_WORKERS": "1",  # DataLoader workers next to gRPC threads
-            "REFIT_TRAINER_LOG_EVERY": "1",
-        }
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with self.log.open("a") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "trainer.server"], env=self.env, stdout=out, stderr=out
-            )
-        wait_for_port(self.port, timeout=120, process=self.process)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(30)
-
-
-def trainer_events(
-    stub: trainer_pb2_grpc.TrainerStub, job_id: str, timeout: float = 300
-) -> Iterator[pb.JobEvent]:
-    """One job's record, then its events until it ends, from the trainer's Subscribe stream
-    (the trainer has no per-job watch: each service replica fans this one stream out)."""
-    stream = stub.Subscribe(trainer_pb2.SubscribeRequest(), timeout=timeout)
-    try:
-        active = {job.id: job for job in next(stream).active.jobs}
-        if job_id not in active:  # it has ended: its record is all there is
-            yield pb.JobEvent(kind="snapshot", job=stub.GetJob(pb.GetJobRequest(id=job_id)))
-            return
-        yield pb.JobEvent(kind="snapshot", job=active[job_id])
-        for message in stream:
-            if message.event.job.id == job_id:
-                yield message.event
-                if message.event.job.state in (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED):
-                    return
-    finally:
-        stream.cancel()
-
-
-def test_trainer_killed_mid_job_resumes_from_its_checkpoint(
-    moto_server: MotoServer, torchserve: TorchServeProcess, dataset: str, tmp_path: Path, third
-) -> None:
-    bucket = f"kill-{uuid.uuid4().hex[:8]}"
-    storage = trainer_identity(moto_server, bucket, dataset)
-    trainer = TrainerProcess(storage, bucket, torchserve, tmp_path / "trainer.log")
-    hp = pb.Hyperparameters(epochs=3, batch_size=16, lr=3e-3, crop_size=SIZE)
-    trainer.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{trainer.port}") as channel:
-            stub = trainer_pb2_grpc.TrainerStub(channel)
-            job = stub.Submit(pb.RetrainRequest(model="killme", dataset_uri=dataset,
-                                                hyperparameters=hp), timeout=30)  # fmt: skip
-            for event in trainer_events(stub, job.id):
-                if event.job.progress.epoch_end and event.job.progress.epoch == 1:
-                    break  # epoch 1 is checkpointed
-        trainer.kill()
-        trainer.start()
-        with grpc.insecure_channel(f"127.0.0.1:{trainer.port}") as channel:
-            stub = trainer_pb2_grpc.TrainerStub(channel)
-            events = list(trainer_events(stub, job.id))
-    finally:
-        trainer.stop()
-    final = events[-1].job
-    assert final.state == pb.SUCCEEDED, (final.error, trainer.log.read_text()[-3000:])
-    assert final.attempts == 2 and final.version == "1"
-    progress = [e.job.progress for e in events if e.kind == "progress"]
-    trained = {p.epoch for p in progress if p.epoch_end}
-    assert trained <= {2, 3} and 3 in trained  # epoch 1 came from the checkpoint
-    versions = Registry(S3Store(moto_server.settings), bucket).versions("killme")
-    assert [(v.version, v.lineage.job_id) for v in versions] == [("1", job.id)]

@@ -28,7 +28,7 @@ from refit.v1 import refit_pb2 as pb
 from tests.conftest import MotoServer
 from tests.faults import S3FaultProxy
 from tests.service.conftest import bucket_with_imagenet_archive
-from tests.service.test_retrain import trainer_events, trainer_settings
+from tests.service.retraining import trainer_events, trainer_settings
 from tests.trainer.synthetic import upload_colours
 from trainer.server import TrainerServer, build_server
 

@@ -25,7 +25,7 @@ from refit.v1 import refit_pb2_grpc
 from service.server import RefitServer
 from tests.conftest import MotoServer
 from tests.service.conftest import connect, service_settings, start_service
-from tests.service.test_retrain import (
+from tests.service.retraining import (
     RUN_STATES,
     TrainerProcess,
     retrain,

@@ -18,8 +18,9 @@ from refit.storage import FileStore, StorageSettings
 from refit.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from refit.v1 import refit_pb2 as pb
 from tests.trainer.jobs.test_manager import ScriptedRunner
-from trainer.jobs import manager as manager_module
-from trainer.jobs.manager import JobContext, JobManager
+from trainer.jobs import events as event_log
+from trainer.jobs.context import JobContext
+from trainer.jobs.manager import JobManager
 from trainer.jobs.records import JobRecord, JobStore
 from trainer.jobs.settings import TrainerSettings
 from trainer.server import TrainerServer, build_server
@@ -214,7 +215,7 @@ def test_a_subscriber_too_far_behind_is_told_to_subscribe_again(
 ) -> None:
     """A gap in the events would leave the service's watchers waiting for a state they missed:
     the subscription ends with UNAVAILABLE instead, and the service subscribes again."""
-    monkeypatch.setattr(manager_module, "EVENT_LOG_SIZE", 4)
+    monkeypatch.setattr(event_log, "EVENT_LOG_SIZE", 4)
     store = FileStore(tmp_path / "objects")
     store.ensure_bucket("refit")
     manager = JobManager(JobStore(store, "refit"), ScriptedRunner())  # not started: jobs wait

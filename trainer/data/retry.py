@@ -1,7 +1,8 @@
 """Bounded retries with exponential backoff and full jitter for object-store reads.
 
 The minio client already retries a few connection errors and 5xx replies inside urllib3; this layer
-adds a longer, jittered budget on top and turns exhaustion into a ``ReadFailed`` naming the object.
+adds a longer, jittered budget on top (refit.retry's schedule and loop) and turns exhaustion into a
+``ReadFailed`` naming the object.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from refit.retry import Backoff, retry_call
 from refit.storage import NoSuchBucket, NoSuchObject, StoreUnreachable
 from trainer.data.errors import ReadFailed
 
@@ -43,9 +45,9 @@ class RetryPolicy:
         if self.max_attempts < 1 or self.base_delay_s < 0 or self.max_delay_s < self.base_delay_s:
             raise ValueError(f"invalid retry policy {self}")
 
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """Full jitter: uniform in [0, min(max, base * 2**attempt)] so clients don't stampede."""
-        return rng.uniform(0.0, min(self.max_delay_s, self.base_delay_s * 2**attempt))
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(self.base_delay_s, self.max_delay_s, jitter=True)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -80,21 +82,16 @@ def call_with_retry(
     rng: random.Random | None = None,
 ) -> T:
     """Call ``fn`` until it succeeds, fails with a non-retryable error, or the budget runs out."""
-    rng = rng or random.Random()
-    for attempt in range(policy.max_attempts):
-        try:
-            return fn()
-        except Exception as exc:
-            if not retry_if(exc):
-                raise
-            if attempt == policy.max_attempts - 1:
-                raise ReadFailed(
-                    f"gave up on {what} after {policy.max_attempts} attempts: {_describe(exc)}"
-                ) from exc
-            delay = policy.delay(attempt, rng)
-            log.warning("retrying %s in %.2fs after %s", what, delay, _describe(exc))
-            sleep(delay)
-    raise AssertionError("unreachable")
+
+    def wait(exc: Exception, attempt: int, delay: float) -> None:
+        if attempt == policy.max_attempts:
+            raise ReadFailed(
+                f"gave up on {what} after {policy.max_attempts} attempts: {_describe(exc)}"
+            ) from exc
+        log.warning("retrying %s in %.2fs after %s", what, delay, _describe(exc))
+        sleep(delay)
+
+    return retry_call(fn, retry_if=retry_if, backoff=policy.backoff, wait=wait, rng=rng)
 
 
 def _describe(exc: BaseException) -> str:

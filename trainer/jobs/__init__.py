@@ -1,2 +1,3 @@
-"""Retraining jobs: durable records (``records``), the queue and its worker (``manager``), what a
-job does (``runner``: train, gate, publish) and the proto form (``protos``)."""
+"""Retraining jobs: durable records (``records``), the queue (``manager``) and its worker
+(``queue_worker``), what a job does (``runner``: train, gate, publish) and the proto form
+(``protos``)."""

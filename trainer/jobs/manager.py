@@ -1,5 +1,6 @@
-"""The job queue: one job runs at a time (one device), the rest wait in submission order; one
-active job per model name. Watchers follow jobs through an in-memory event log.
+"""The job queue: one job runs at a time (one device; the worker is trainer/jobs/queue_worker.py),
+the rest wait in submission order; one active job per model name. Watchers follow jobs through
+an in-memory event log.
 
 Durability: every state change is written through ``JobStore``. On start, ``recover()`` puts jobs
 that a restart interrupted back at the head of the queue (the runner resumes them from their
@@ -15,24 +16,23 @@ Bounds: at most ``max_queued`` jobs wait (more: RESOURCE_EXHAUSTED); the newest 
 jobs stay in memory, older ones are read back from the store when asked for. Store writes happen
 outside the lock that readers take, one writer at a time so records land in order.
 
-The watchers' event log stays in this class on purpose: each event is appended under the same
-lock as the record change it reports, which is what keeps watchers from seeing changes out of
-order; apart, the two halves would share that lock and its invariant across a module boundary.
+Watchers follow jobs through ``EventLog`` (trainer/jobs/events.py), which shares this class's
+lock: each event is appended under the lock of the record change it reports.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Protocol
 
-from refit import logs
-from refit.errors import AlreadyExists, NotFound, RefitError, Unavailable
+from refit.errors import AlreadyExists, NotFound, Unavailable
+from refit.retry import Backoff
 from trainer import metrics
+from trainer.jobs.context import JobRunner
+from trainer.jobs.events import EventLog
+from trainer.jobs.queue_worker import QueueWorker
 from trainer.jobs.records import (
     CANCELLED,
     EXPORTING,
@@ -41,10 +41,6 @@ from trainer.jobs.records import (
     PUBLISHING,
     QUEUED,
     RUNNING,
-    SUCCEEDED,
-    JobCancelled,
-    JobFailed,
-    JobInterrupted,
     JobRecord,
     JobStore,
     QueueFull,
@@ -54,44 +50,6 @@ from trainer.jobs.records import (
 )
 
 log = logging.getLogger(__name__)
-EVENT_LOG_SIZE = 4096  # a watcher slower than this many events skips the oldest
-
-
-class JobContext:
-    """What a running job may do to its own record."""
-
-    def __init__(self, manager: JobManager, job_id: str, cancel: threading.Event) -> None:
-        self._manager, self.job_id, self._cancel = manager, job_id, cancel
-
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def stopping(self) -> bool:
-        """The trainer is shutting down: a long wait should end (the job resumes on restart)."""
-        return self._manager._stop.is_set()
-
-    def wait(self, seconds: float) -> None:
-        """Sleeps, waking early when the trainer stops or the job is cancelled."""
-        self._cancel.wait(seconds)
-
-    def set_state(self, state: str) -> None:
-        self._manager._transition(self.job_id, state)
-
-    def update(self, **fields: object) -> None:
-        self._manager._update(self.job_id, fields, persist=True)
-
-    def detail(self, text: str) -> None:
-        """Says what the job is doing or waiting for (GetJob, WatchJob)."""
-        self._manager._update(self.job_id, {"detail": text}, persist=True, kind="detail")
-
-    def progress(self, progress: dict, *, persist: bool) -> None:
-        self._manager._update(self.job_id, {"progress": progress}, persist=persist, kind="progress")
-
-
-class JobRunner(Protocol):
-    def validate(self, request: dict) -> None: ...  # raises InvalidArgument
-    def run(self, job: JobRecord, context: JobContext) -> None: ...
-    def abandon(self, job: JobRecord) -> None: ...  # undo partial work of a failed job
 
 
 class JobManager:
@@ -110,23 +68,23 @@ class JobManager:
         self.max_attempts = max_attempts
         self.max_queued = max_queued
         self.history = history
-        self.retry_backoff_s = retry_backoff_s
+        self.backoff = Backoff(retry_backoff_s)  # between runs of a job a store outage stopped
         self._jobs: dict[str, JobRecord] = {}
         self._queue: list[str] = []
         self._cancels: dict[str, threading.Event] = {}
         self._cancelling: set[str] = set()  # queued jobs whose CANCELLED record is being written
         self._cond = threading.Condition()  # guards the fields above; never held for I/O
         self._save_lock = threading.Lock()  # one store writer at a time: records land in order
-        self._events: deque[tuple[int, str, JobRecord]] = deque(maxlen=EVENT_LOG_SIZE)
-        self._seq = 0
         self._stop = threading.Event()
+        self._events = EventLog(self._cond, self._stop)
         self._worker: threading.Thread | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.recover()
-        self._worker = threading.Thread(target=self._work, daemon=True, name="job-worker")
+        worker = QueueWorker(self)
+        self._worker = threading.Thread(target=worker.run_forever, daemon=True, name="job-worker")
         self._worker.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -154,15 +112,19 @@ class JobManager:
                     f"interrupted {record.attempts} times by trainer restarts; giving up "
                     "(the last checkpoint is kept)"
                 )
-                self._end_failed(record.id, FAILED, reason)
+                self.end_failed(record.id, FAILED, reason)
                 continue
             log.info("resuming job %s (was %s)", record.id, record.state)
-            self._update(record.id, {"state": QUEUED}, persist=True, kind="state")
+            self.update(record.id, {"state": QUEUED}, persist=True, kind="state")
             resumed.append(record.id)
         with self._cond:
             self._queue = resumed + queued  # interrupted jobs first: they had started
             self._forget_old()
         metrics.TRAINER_QUEUE_LENGTH.set(len(self._queue))
+
+    def stopping(self) -> bool:
+        """The trainer is shutting down: running jobs stop and resume at the next start."""
+        return self._stop.is_set()
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -195,7 +157,7 @@ class JobManager:
             if record.state == QUEUED:  # not cancelled meanwhile
                 self._queue.append(record.id)
                 metrics.TRAINER_QUEUE_LENGTH.set(len(self._queue))
-            self._emit("state", record)
+            self._events.append("state", record)
             return self._snapshot(record.id)
 
     def get(self, job_id: str) -> JobRecord:
@@ -279,13 +241,13 @@ class JobManager:
     def follow(self, job_id: str, alive: Callable[[], bool]) -> Iterator[tuple[str, JobRecord]]:
         """One job's snapshot then its events until it ends (or ``alive()`` turns false)."""
         with self._cond:
-            cursor = self._seq
+            cursor = self._events.cursor
             first = self._snapshot(job_id) if job_id in self._jobs else None
         first = first or self._from_store(job_id)
         yield "snapshot", first
         if first.terminal:
             return
-        for kind, record in self._log_after(cursor, alive):
+        for kind, record in self._events.after(cursor, alive):
             if record.id == job_id:
                 yield kind, record
                 if record.terminal:
@@ -300,113 +262,49 @@ class JobManager:
         ``Unavailable`` (it subscribes again) instead of a silent gap."""
         with self._cond:
             active = [copy.deepcopy(j) for j in self._jobs.values() if not j.terminal]
-            cursor = self._seq
-        return active, self._log_after(cursor, alive, gapless=True)
+            cursor = self._events.cursor
+        return active, self._events.after(cursor, alive, gapless=True)
 
-    def _log_after(
-        self, cursor: int, alive: Callable[[], bool], *, gapless: bool = False
-    ) -> Iterator[tuple[str, JobRecord]]:
-        """The event log after ``cursor``, waiting for more while ``alive()``."""
-        while alive() and not self._stop.is_set():
-            with self._cond:
-                self._cond.wait_for(functools.partial(self._news_after, cursor), timeout=1)
-                new = [e for e in self._events if e[0] > cursor]
-                if gapless and new and new[0][0] > cursor + 1:
-                    raise Unavailable(
-                        f"the subscriber fell more than {EVENT_LOG_SIZE} job events behind; "
-                        "subscribe again"
-                    )
-                cursor = self._seq
-            for _, kind, record in new:
-                yield kind, record
+    # --- the worker (trainer/jobs/queue_worker.py) ------------------------------------------------
 
-    def _news_after(self, cursor: int) -> bool:
-        return self._seq > cursor or self._stop.is_set()
-
-    # --- the worker ------------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            with self._cond:
-                self._cond.wait_for(lambda: self._startable() or self._stop.is_set(), timeout=1)
-                if self._stop.is_set() or not self._startable():
-                    continue
-                job_id = self._queue.pop(0)
-                metrics.TRAINER_QUEUE_LENGTH.set(len(self._queue))
-                cancel = self._cancels[job_id] = threading.Event()
-                # Leaves QUEUED under the same lock as the pop: a cancel sees one or the other.
-                job = self._jobs[job_id]
-                self._apply(job, {"attempts": job.attempts + 1, "started_at": now(),
-                                  "state": LOADING_DATA}, kind="state")  # fmt: skip
-            with logs.bound(logs.job_id, job_id):  # every log line of the job carries its id
-                self._persist(job_id)
-                self._run(job_id, cancel)
+    def take_next(self) -> tuple[str, threading.Event] | None:
+        """The next job, moved to LOADING_DATA, and its cancel flag; None after a second with
+        none startable (or when stopping)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._startable() or self._stop.is_set(), timeout=1)
+            if self._stop.is_set() or not self._startable():
+                return None
+            job_id = self._queue.pop(0)
+            metrics.TRAINER_QUEUE_LENGTH.set(len(self._queue))
+            cancel = self._cancels[job_id] = threading.Event()
+            # Leaves QUEUED under the same lock as the pop: a cancel sees one or the other.
+            job = self._jobs[job_id]
+            self._apply(job, {"attempts": job.attempts + 1, "started_at": now(),
+                              "state": LOADING_DATA}, kind="state")  # fmt: skip
+        self._persist(job_id)
+        return job_id, cancel
 
     def _startable(self) -> bool:
         """Lock held. The next job may start: it is not being cancelled (the order of the queue
         holds: the jobs behind wait for the outcome of that cancel)."""
         return bool(self._queue) and self._queue[0] not in self._cancelling
 
-    def _run(self, job_id: str, cancel: threading.Event) -> None:
-        try:
-            while True:
-                try:
-                    self.runner.run(self.get(job_id), JobContext(self, job_id, cancel))
-                except JobInterrupted as exc:
-                    if self._retry_later(job_id, cancel, exc):
-                        continue
-                    return
-                break
-        except JobCancelled as exc:
-            if self._stop.is_set():
-                return  # trainer shutting down: the job stays RUNNING and resumes on restart
-            self._end_failed(job_id, CANCELLED, exc.message)
-        except (JobFailed, RefitError) as exc:  # a reason a user can act on, as it stands
-            self._end_failed(job_id, FAILED, exc.message)
-        except Exception as exc:
-            log.exception("job %s failed", job_id)
-            self._end_failed(job_id, FAILED, f"internal error ({type(exc).__name__}: {exc})")
-        else:
-            self._finish(job_id, SUCCEEDED, "")
-        finally:
-            with self._cond:
-                self._cancels.pop(job_id, None)
+    def release(self, job_id: str) -> None:
+        """The job's run is over: its cancel flag goes."""
+        with self._cond:
+            self._cancels.pop(job_id, None)
 
-    def _retry_later(self, job_id: str, cancel: threading.Event, exc: JobInterrupted) -> bool:
-        """After a passing outage: wait with backoff and run again (True), or give up (False)."""
-        attempts = self.get(job_id).attempts
-        if attempts >= self.max_attempts:
-            runs = f"{attempts} attempts" if attempts > 1 else "1 attempt"
-            self._end_failed(job_id, FAILED, f"{exc.message}; gave up after {runs}")
-            return False
-        delay = self.retry_backoff_s * 2 ** (attempts - 1)
-        log.warning("job %s interrupted (%s); retrying in %.0fs", job_id, exc.message, delay)
-        self._update(job_id, {"detail": f"{exc.message}; resuming from the last checkpoint in "
-                              f"{delay:.0f}s (attempt {attempts + 1} of {self.max_attempts})"},
-                     persist=True, kind="detail")  # fmt: skip
-        cancel.wait(delay)
-        if self._stop.is_set():
-            return False  # resumes on restart
-        if cancel.is_set():
-            self._end_failed(job_id, CANCELLED, "cancelled while waiting to retry")
-            return False
-        self._update(job_id, {"attempts": attempts + 1, "detail": ""}, persist=True)
-        return True
-
-    def _end_failed(self, job_id: str, state: str, reason: str) -> None:
+    def end_failed(self, job_id: str, state: str, reason: str) -> None:
         try:
             self.runner.abandon(self.get(job_id))
         except Exception:
             log.exception("cleaning up job %s failed", job_id)
-        self._finish(job_id, state, reason)
+        self.finish(job_id, state, reason)
 
     # --- record changes --------------------------------------------------------------------------
 
-    def _transition(self, job_id: str, state: str) -> None:
-        self._update(job_id, {"state": state, "detail": ""}, persist=True, kind="state")
-
-    def _finish(self, job_id: str, state: str, error: str) -> None:
-        self._update(job_id, {"state": state, "error": error, "detail": "", "finished_at": now()},
+    def finish(self, job_id: str, state: str, error: str) -> None:
+        self.update(job_id, {"state": state, "error": error, "detail": "", "finished_at": now()},
                      persist=True, kind="state")  # fmt: skip
         self._ended(job_id)
 
@@ -416,7 +314,7 @@ class JobManager:
         for phase, seconds in job.phase_seconds().items():
             metrics.TRAINER_JOB_PHASE_SECONDS.labels(phase).observe(seconds)
 
-    def _update(self, job_id: str, fields: dict, *, persist: bool, kind: str = "") -> None:
+    def update(self, job_id: str, fields: dict, *, persist: bool, kind: str = "") -> None:
         with self._cond:
             self._apply(self._require(job_id), fields, kind)
         if persist:
@@ -429,7 +327,7 @@ class JobManager:
             # In the same step: no reader sees more than `history` ended jobs.
             self._forget_old(keep=record.id)
         if kind:
-            self._emit(kind, record)
+            self._events.append(kind, record)
 
     def _persist(self, job_id: str, *, required: bool = False) -> None:
         """Writes the job's latest record; the snapshot is taken in write order. A write that
@@ -455,12 +353,6 @@ class JobManager:
         )
         for job in ended[: max(len(ended) + bool(keep) - self.history, 0)]:
             del self._jobs[job.id]
-
-    def _emit(self, kind: str, record: JobRecord) -> None:
-        # Called with the lock held.
-        self._seq += 1
-        self._events.append((self._seq, kind, copy.deepcopy(record)))
-        self._cond.notify_all()
 
     def _require(self, job_id: str) -> JobRecord:
         job = self._jobs.get(job_id)

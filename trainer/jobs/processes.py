@@ -38,7 +38,7 @@ from trainer.config import TrainConfig
 from trainer.engine import EventSink, ProgressEvent
 from trainer.jobs.job_dir import EventTail, JobDir
 from trainer.jobs.records import JobCancelled
-from trainer.jobs.torchrun import TRAINER_PID_ENV
+from trainer.jobs.torchrun import TRAINER_PID
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2  # how often the supervisor reads new progress events and checks for a cancel
@@ -86,7 +86,7 @@ def launch_env(
     env = {k: v for k, v in base.items() if not k.startswith("MINIO_")} | storage.to_env()
     cpus = cpus or len(os.sched_getaffinity(0))
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // processes)))
-    env[TRAINER_PID_ENV] = str(os.getpid())
+    env[TRAINER_PID.name] = str(os.getpid())
     return env
 
 

@@ -23,8 +23,8 @@ from refit.registry import Registry, RegistryError, VersionRecord
 from refit.storage import ObjectStore
 from trainer.config import TrainConfig
 from trainer.jobs.admission import check_dataset, check_hyperparameters, check_starting_point
+from trainer.jobs.context import JobContext
 from trainer.jobs.failures import describe, is_outage, is_store_error, training_error
-from trainer.jobs.manager import JobContext
 from trainer.jobs.records import (
     EXPORTING,
     PUBLISHING,

@@ -11,8 +11,15 @@ import os
 import signal
 import sys
 
+from refit.settings import declare
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-TRAINER_PID_ENV = "REFIT_TRAINER_PID"  # the process that launched this torchrun
+TRAINER_PID = declare(
+    "REFIT_TRAINER_PID",
+    None,
+    "internal: set by the trainer for each torchrun it starts, which exits once that process ends",
+    parse=int,
+)
 
 
 def die_with_parent(sig: signal.Signals) -> None:
@@ -26,8 +33,8 @@ def die_with_parent(sig: signal.Signals) -> None:
 
 def main() -> None:
     die_with_parent(signal.SIGTERM)
-    trainer = os.environ.get(TRAINER_PID_ENV)
-    if trainer and os.getppid() != int(trainer):
+    trainer = TRAINER_PID.value(os.environ)
+    if trainer is not None and os.getppid() != trainer:
         sys.exit("trainer.jobs.torchrun: the process that started this job has ended")
     from torch.distributed.run import main as torchrun
 

@@ -25,12 +25,18 @@ RUN /opt/venv/bin/pip install -r /build/s3.txt
 
 FROM ${BASE_IMAGE}
 COPY --from=installer /opt/venv /opt/venv
-COPY deploy/containers/test/s3_standin.py /opt/s3_standin.py
+# The stand-in as a package (python -m deploy.containers.test.s3_standin); deploy/ itself is a
+# namespace package there (.dockerignore keeps deploy/__init__.py out of the build context).
+COPY deploy/containers/__init__.py /opt/standin/deploy/containers/
+COPY deploy/containers/test/__init__.py deploy/containers/test/s3_standin.py \
+     deploy/containers/test/sigv4.py deploy/containers/test/minio_admin.py \
+     /opt/standin/deploy/containers/test/
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/standin \
     PYTHONDONTWRITEBYTECODE=1
 USER 65534:65534
 EXPOSE 9000
 HEALTHCHECK --interval=5s --timeout=5s --retries=12 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9000/minio/health/live', timeout=3)"]
 # The root identity comes from MINIO_ROOT_USER and MINIO_ROOT_PASSWORD, as MinIO's does.
-CMD ["python", "/opt/s3_standin.py", "--host", "0.0.0.0", "--port", "9000"]
+CMD ["python", "-m", "deploy.containers.test.s3_standin", "--host", "0.0.0.0", "--port", "9000"]

@@ -19,6 +19,9 @@ exercised. This process is moto's S3 (objects in memory) plus what MinIO adds th
   attached policy an inline policy of theirs.
 - ``GET /minio/health/live`` answers 200 without authentication, as MinIO's liveness probe does.
 
+The SigV4 checks are in sigv4.py, the identities and admin calls in minio_admin.py; this module
+is the WSGI application that routes to them and to moto, and its entry point.
+
 Not MinIO: memory only; no bucket policies, groups, service accounts, policy conditions, or
 other admin calls (501).
 
@@ -29,21 +32,24 @@ other admin calls (501).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
-import io
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
-ALGORITHM = "AWS4-HMAC-SHA256"
+from deploy.containers.test.minio_admin import Admin, Identities
+from deploy.containers.test.sigv4 import (
+    ALGORITHM,
+    PRESIGN_PARAMS,
+    Refused,
+    query_pairs,
+    verify_header_auth,
+    verify_presigned,
+)
+
 HEALTH_PATH = "/minio/health/live"
 ADMIN_PREFIX = "/minio/admin/v3/"
 ROOT_POLICY = "consoleAdmin"  # MinIO's built-in name for "everything"
@@ -51,294 +57,7 @@ EVERYTHING = {
     "Version": "2012-10-17",
     "Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": ["arn:aws:s3:::*"]}],
 }
-BAD_QUERY = "AuthorizationQueryParametersError"  # a presigned query that is not SigV4
-MAX_EXPIRES_S = 7 * 24 * 3600  # SigV4's limit for a presigned URL
-PRESIGN_PARAMS = frozenset(
-    {"X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires"}
-    | {"X-Amz-SignedHeaders", "X-Amz-Signature", "X-Amz-Security-Token"}
-)
-
-Secrets = Callable[[str], "str | None"]  # access key -> secret key, None when unknown
 Start = Callable[[str, list[tuple[str, str]]], object]  # WSGI start_response
-
-
-class Refused(Exception):
-    """A request the stand-in answers itself with an S3 error (MinIO's code and message)."""
-
-    def __init__(self, code: str, message: str, status: int = 403) -> None:
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
-
-
-# --- SigV4 --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Signature:
-    """What a SigV4 request claims: who signed it, when, for which scope, over which headers."""
-
-    access_key: str
-    amz_date: str  # 20261207T120000Z
-    scope: str  # 20261207/us-east-1/s3/aws4_request
-    signed_headers: tuple[str, ...]
-    signature: str
-
-    @property
-    def region(self) -> str:
-        return self.scope.split("/")[1]
-
-    @classmethod
-    def from_credential(cls, credential: str, **fields) -> Signature:
-        access_key, _, scope = credential.partition("/")
-        if len(scope.split("/")) != 4 or not scope.endswith("/aws4_request"):
-            raise Refused(BAD_QUERY, f"malformed credential {scope!r}", 400)
-        return cls(access_key=access_key, scope=scope, **fields)
-
-
-def encode(text: str) -> str:
-    return quote(text, safe="-_.~")
-
-
-def query_pairs(query: str) -> list[tuple[str, str]]:
-    """The raw query string's parameters, decoded, in order."""
-    pairs = []
-    for part in filter(None, query.split("&")):
-        name, _, value = part.partition("=")
-        pairs.append((unquote(name), unquote(value)))
-    return pairs
-
-
-def canonical_request(
-    method: str,
-    raw_path: str,
-    query: Iterable[tuple[str, str]],
-    headers: dict[str, str],
-    signed: Signature,
-    payload_hash: str,
-) -> str:
-    """SigV4's canonical request; S3 keeps the path as sent (no normalizing, no re-encoding)."""
-    canonical_query = "&".join(
-        f"{k}={v}" for k, v in sorted((encode(k), encode(v)) for k, v in query)
-    )
-    lines = [f"{name}:{' '.join(headers.get(name, '').split())}" for name in signed.signed_headers]
-    return "\n".join(
-        [
-            method,
-            raw_path or "/",
-            canonical_query,
-            *lines,
-            "",
-            ";".join(signed.signed_headers),
-            payload_hash,
-        ]
-    )
-
-
-def expected_signature(secret_key: str, signed: Signature, canonical: str) -> str:
-    date, region, service, _ = signed.scope.split("/")
-    key = ("AWS4" + secret_key).encode()
-    for part in (date, region, service, "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    digest = hashlib.sha256(canonical.encode()).hexdigest()
-    string_to_sign = f"{ALGORITHM}\n{signed.amz_date}\n{signed.scope}\n{digest}"
-    return hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
-
-
-def check_signature(secrets: Secrets, signed: Signature, canonical: str) -> None:
-    secret_key = secrets(signed.access_key)
-    if secret_key is None:
-        raise Refused("InvalidAccessKeyId", "The Access Key Id you provided does not exist.")
-    if not hmac.compare_digest(expected_signature(secret_key, signed, canonical), signed.signature):
-        raise Refused(
-            "SignatureDoesNotMatch",
-            "The request signature we calculated does not match the signature you provided.",
-        )
-
-
-def header_signature(authorization: str, amz_date: str) -> Signature:
-    """``AWS4-HMAC-SHA256 Credential=AK/SCOPE, SignedHeaders=a;b, Signature=HEX``."""
-    algorithm, _, rest = authorization.partition(" ")
-    fields = dict(part.strip().partition("=")[::2] for part in rest.split(","))
-    if algorithm != ALGORITHM or not {"Credential", "SignedHeaders", "Signature"} <= set(fields):
-        raise Refused("AccessDenied", "Access Denied. (only SigV4 is accepted)")
-    return Signature.from_credential(
-        fields["Credential"],
-        amz_date=amz_date,
-        signed_headers=tuple(fields["SignedHeaders"].split(";")),
-        signature=fields["Signature"],
-    )
-
-
-def verify_header_auth(
-    method: str, raw_path: str, query: str, headers: dict[str, str], body: bytes, secrets: Secrets
-) -> str:
-    """The access key of a request signed in its Authorization header (MinIO's admin calls)."""
-    if "authorization" not in headers:
-        raise Refused("AccessDenied", "Access Denied.")
-    signed = header_signature(headers["authorization"], headers.get("x-amz-date", ""))
-    payload_hash = headers.get("x-amz-content-sha256", "")
-    if payload_hash != hashlib.sha256(body).hexdigest():
-        raise Refused("XAmzContentSHA256Mismatch", "The body does not match its SHA-256.", 400)
-    canonical = canonical_request(
-        method, raw_path, query_pairs(query), headers, signed, payload_hash
-    )
-    check_signature(secrets, signed, canonical)
-    return signed.access_key
-
-
-def verify_presigned(
-    method: str,
-    raw_path: str,
-    query: str,
-    headers: dict[str, str],
-    secrets: Secrets,
-    now: datetime,
-) -> Signature:
-    """The signature of a presigned request, once its signature and expiry check out."""
-    params = dict(query_pairs(query))
-    if params.get("X-Amz-Algorithm") != ALGORITHM:
-        raise Refused(BAD_QUERY, "X-Amz-Algorithm must be SigV4", 400)
-    try:
-        signed = Signature.from_credential(
-            params["X-Amz-Credential"],
-            amz_date=params["X-Amz-Date"],
-            signed_headers=tuple(params["X-Amz-SignedHeaders"].split(";")),
-            signature=params["X-Amz-Signature"],
-        )
-        issued = datetime.strptime(signed.amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-        expires = int(params["X-Amz-Expires"])
-    except (KeyError, ValueError) as exc:
-        raise Refused(BAD_QUERY, f"bad presigned query: {exc}", 400) from exc
-    if not 1 <= expires <= MAX_EXPIRES_S:
-        raise Refused(BAD_QUERY, "X-Amz-Expires out of range", 400)
-    if now > issued + timedelta(seconds=expires):
-        raise Refused("AccessDenied", "Request has expired")
-    unsigned = [(k, v) for k, v in query_pairs(query) if k != "X-Amz-Signature"]
-    canonical = canonical_request(method, raw_path, unsigned, headers, signed, "UNSIGNED-PAYLOAD")
-    check_signature(secrets, signed, canonical)
-    return signed
-
-
-# --- identities: MinIO's users and canned policies, kept as moto IAM users ----------------------
-
-
-class Identities:
-    """Users (named by access key) with secrets, canned policies, and which user has which.
-    moto checks each request against the user's inline IAM policies, which mirror this."""
-
-    def __init__(self, iam) -> None:
-        self._iam = iam
-        self._keys: dict[str, Any] = {}  # access key -> moto's AccessKey (holds the secret)
-        self._policies: dict[str, str] = {}  # name -> document (JSON)
-        self._attached: dict[str, list[str]] = {}
-        self._lock = threading.Lock()
-
-    def secret(self, access_key: str) -> str | None:
-        key = self._keys.get(access_key)
-        return None if key is None else key.secret_access_key
-
-    def add_policy(self, name: str, document: str) -> None:
-        """Adds or replaces a policy; users that have it get the new document at once."""
-        from moto.iam.exceptions import MalformedPolicyDocument
-        from moto.iam.policy_validation import IAMPolicyDocumentValidator
-
-        try:  # refused here, as by MinIO, rather than when a user gets it
-            IAMPolicyDocumentValidator(document).validate()
-        except (MalformedPolicyDocument, ValueError) as exc:
-            raise Refused("MalformedPolicy", f"policy {name}: {exc}", 400) from exc
-        with self._lock:
-            self._policies[name] = document
-            for user, names in self._attached.items():
-                if name in names:
-                    self._iam.put_user_policy(user, name, document)
-
-    def add_user(self, access_key: str, secret_key: str) -> None:
-        """A new user, or a new secret for one that exists (its policies stay)."""
-        with self._lock:
-            if access_key not in self._keys:
-                self._iam.create_user(region_name="us-east-1", user_name=access_key, path="/")
-                self._keys[access_key] = self._iam.create_access_key(access_key)
-                self._keys[access_key].access_key_id = access_key  # MinIO: the name is the key
-                self._attached[access_key] = []
-            self._keys[access_key].secret_access_key = secret_key
-
-    def attach(self, user: str, names: list[str]) -> None:
-        with self._lock:
-            if user not in self._attached:
-                raise Refused(
-                    "XMinioAdminNoSuchUser", f"The specified user {user} does not exist.", 404
-                )
-            if missing := [n for n in names if n not in self._policies]:
-                raise Refused("XMinioAdminNoSuchPolicy", f"no policy {', '.join(missing)}", 404)
-            new = [n for n in names if n not in self._attached[user]]
-            if not new:
-                raise Refused(
-                    "XMinioAdminPolicyChangeAlreadyApplied",
-                    "The specified policy change is already in effect.",
-                    400,
-                )
-            for name in new:
-                self._iam.put_user_policy(user, name, self._policies[name])
-            self._attached[user] += new
-
-    def policy_names(self, user: str) -> list[str]:
-        with self._lock:
-            if user not in self._attached:
-                raise Refused(
-                    "XMinioAdminNoSuchUser", f"The specified user {user} does not exist.", 404
-                )
-            return list(self._attached[user])
-
-
-class Admin:
-    """MinIO's admin API, the four calls minio_init.py makes; only the root identity may call."""
-
-    def __init__(self, identities: Identities, root_user: str, root_password: str) -> None:
-        self.identities = identities
-        self.root_user, self.root_password = root_user, root_password
-
-    def __call__(
-        self, method: str, command: str, query: dict[str, str], body: bytes
-    ) -> tuple[int, bytes]:
-        """The answer's status and body; raises Refused for an error."""
-        try:
-            return self._answer(method, command, query, body)
-        except (KeyError, ValueError, OSError) as exc:  # a missing field, bad JSON, bad cipher
-            raise Refused(
-                "XMinioAdminInvalidArgument", f"malformed {command}: {exc!r}", 400
-            ) from exc
-
-    def _answer(
-        self, method: str, command: str, query: dict[str, str], body: bytes
-    ) -> tuple[int, bytes]:
-        if (method, command) == ("PUT", "add-canned-policy"):
-            self.identities.add_policy(query["name"], body.decode())
-            return 200, b""
-        if (method, command) == ("PUT", "add-user"):
-            user = json.loads(self._decrypt(body))
-            self.identities.add_user(query["accessKey"], user["secretKey"])
-            return 200, b""
-        if (method, command) == ("GET", "user-info"):
-            names = self.identities.policy_names(query["accessKey"])
-            return 200, json.dumps({"policyName": ",".join(names), "status": "enabled"}).encode()
-        if (method, command) == ("POST", "idp/builtin/policy/attach"):
-            request = json.loads(self._decrypt(body))
-            self.identities.attach(request["user"], request["policies"])
-            return 204, b""  # no body: minio-py takes that as done (MinIO's older answer)
-        raise Refused("NotImplemented", f"the S3 stand-in does not serve {method} {command}", 501)
-
-    def _decrypt(self, body: bytes) -> bytes:
-        """MinIO encrypts these bodies with the root password (minio.crypto's format)."""
-        from minio.crypto import decrypt
-
-        class Response(io.BytesIO):  # what minio.crypto reads from: a urllib3 response
-            def release_conn(self) -> None:
-                pass
-
-        return decrypt(Response(body), self.root_password)
-
-
-# --- the WSGI application -----------------------------------------------------------------------
 
 
 class StandIn:

@@ -41,7 +41,7 @@ def test_hyperparameters_and_base_version_are_passed_on() -> None:
 
 
 def test_batching_of_the_new_version_is_the_requests_or_the_trainers() -> None:
-    settings = TrainerSettings(batching=Batching(8, 5))
+    settings = TrainerSettings(batch_size=8, max_batch_delay_ms=5)
     assert batching_for({}, settings) == Batching(8, 5)
     assert batching_for({"batching": {"batch_size": 1}}, settings) == Batching(1, 5)
     asked = {"batching": {"batch_size": 16, "max_batch_delay_ms": 20}}

@@ -1,4 +1,4 @@
-"""The S3 stand-in's own signature checks (deploy/containers/test/s3_standin.py), as pure logic:
+"""The S3 stand-in's own signature checks (deploy/containers/test/sigv4.py), as pure logic:
 URLs and headers signed by minio-py's signer (the client refit uses), verified with a clock the
 test sets. The stand-in as a server is exercised by test_policies.py and every S3 test."""
 
@@ -12,7 +12,7 @@ import pytest
 from minio.credentials import Credentials
 from minio.signer import presign_v4, sign_v4_s3
 
-from deploy.containers.test.s3_standin import Refused, verify_header_auth, verify_presigned
+from deploy.containers.test.sigv4 import Refused, verify_header_auth, verify_presigned
 
 HOST = "127.0.0.1:9000"
 KEYS = {"refit-service": "service-secret"}
