@@ -7,7 +7,7 @@ export REFIT_DATA_DIR ?= $(CURDIR)/.refit
 
 .PHONY: install gen up down status demo test lint bench clean images test-containers
 
-install: $(VENV)/.installed gen
+install: $(VENV)/.installed gen .venv-oip/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	bash deploy/install-system-deps.sh
+	touch $@
+
+# Stock Open Inference Protocol client for tests/service/test_inference_protocol.py and the bench;
+# its own venv: tritonclient pins protobuf < 7, the project's generated code needs protobuf 7.
+.venv-oip/.installed:
+	python3 -m venv .venv-oip
+	.venv-oip/bin/pip install -q 'tritonclient[grpc]==2.73.0'
 	touch $@
 
 gen: $(VENV)/.installed
@@ -63,4 +70,4 @@ bench: install
 	$(PY) bench/finetune_fashion_mnist.py
 
 clean:
-	rm -rf build $(VENV) refit/v1 refit/trainer refit/torchserve_api
+	rm -rf build $(VENV) .venv-oip refit/v1 refit/trainer refit/torchserve_api refit/inference_api

@@ -138,9 +138,11 @@ def via_torchserve(stack: RunningStack, version: str) -> Callable[[], Call]:
     return make
 
 
-def wait_servable(stack: RunningStack, images: list[bytes], timeout_s: float = 300) -> None:
+def wait_servable(
+    stack: RunningStack, images: list[bytes], versions=tuple(VERSIONS), timeout_s: float = 300
+) -> None:
     deadline = time.monotonic() + timeout_s
-    for version in VERSIONS:
+    for version in versions:
         call = via_refit(stack, version)()
         while True:
             try:

@@ -34,6 +34,10 @@ INSECURE_NO_AUTH = declare(
 PREDICT_RPCS = frozenset(
     {"Predict", "PredictStream", "ListModels", "GetModel", "GetJob", "ListJobs", "WatchJob"}
 )
+# The Open Inference Protocol (service/inference_protocol.py): read-only, so the predict role's.
+INFERENCE_PROTOCOL_RPCS = frozenset(
+    {"ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer"}
+)
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ class AuthSettings:
 
 
 def may_call(role: str, rpc: str) -> bool:
-    return role == ADMIN or (role == PREDICT and rpc in PREDICT_RPCS)
+    predict_may = rpc in PREDICT_RPCS or rpc in INFERENCE_PROTOCOL_RPCS
+    return role == ADMIN or (role == PREDICT and predict_may)
 
 
 class Authenticator:

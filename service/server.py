@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from refit import logs
+from refit.inference_api import grpc_predict_v2_pb2_grpc as oip_grpc
 from refit.netutil import wait_for_signal
 from refit.publish import Publisher
 from refit.registry import Registry
@@ -31,6 +32,8 @@ from service.auth import Authenticator
 from service.catalog import ModelCatalog
 from service.config import ServiceSettings
 from service.frontdoor import FrontDoor
+from service.inference_protocol import SERVICE_NAME as OIP_SERVICE_NAME
+from service.inference_protocol import InferenceProtocolServicer
 from service.job_events import JobHub
 from service.jobs import Jobs
 from service.metrics import observe_upstream
@@ -161,9 +164,11 @@ def build_server(settings: ServiceSettings) -> RefitServer:
 
     def add_services(server: grpc.aio.Server) -> None:
         refit_pb2_grpc.add_RefitServicer_to_server(servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceProtocolServicer(predictor, catalog), server
         )
+        names = (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
 
     pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="refit")
     options = connection_options(settings)

@@ -44,6 +44,9 @@ CLASSES = {"red": (200, 30, 30), "blue": (30, 30, 200)}
 IMAGES_PER_CLASS = 8
 
 REFIT_CLI = str(Path(sys.executable).with_name("refit"))
+# Stock tritonclient, in a virtual environment of its own (make install): it pins protobuf < 7.
+OIP_PYTHON = Path(".venv-oip/bin/python")
+TRITON_SCRIPT = Path(__file__).parents[1] / "service" / "oip_client" / "triton_infer.py"
 # Run inside a TorchServe container: the models its management API lists, asked with the
 # replica's own management key (its token authorization is on).
 LIST_MODELS = (
@@ -105,6 +108,23 @@ def test_both_service_replicas_predict_through_both_torchserve_replicas(stack, c
         container = stack.container("torchserve", index)
         models = docker("exec", container, "python", "-c", LIST_MODELS)
         assert "imagenet" in models, (index, models)
+
+
+def test_stock_tritonclient_infers_through_every_replica(stack, coffee_jpeg, tmp_path):
+    """The Open Inference Protocol on the API port, same tokens (docs/inference-protocol.md)."""
+    assert OIP_PYTHON.exists(), "no .venv-oip: `make install` creates it"
+    photo = tmp_path / "coffee.jpg"
+    photo.write_bytes(coffee_jpeg)
+    for address in stack.addresses:
+        for token in (stack.predict_token, ""):
+            script = [str(OIP_PYTHON), str(TRITON_SCRIPT), address, token, "imagenet", str(photo)]
+            run = subprocess.run(script, capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stderr
+            answer = json.loads(run.stdout)
+            if token:
+                assert answer.get("live") and set(answer["labels"][0]) & COFFEE_LABELS, answer
+            else:
+                assert answer.get("error") == "StatusCode.UNAUTHENTICATED", answer
 
 
 def test_cli_predicts_the_coffee_photo(stack, coffee_jpeg, tmp_path):
