@@ -1,7 +1,8 @@
 """Which published versions hold a TorchServe worker: started on demand, stopped when idle.
 
 A worker is a Python process with torch loaded (about 0.33 GiB of its own memory here, see
-README *Workers*), so a worker per published version makes memory grow with every retrain. Instead:
+docs/user-guide.md *Workers*), so a worker per published version makes memory grow with every
+retrain. Instead:
 
 - each model's default keeps its worker, and a newly published version keeps the one its
   publisher started for ``candidate_warm_s`` (the promotion gate, a first evaluation);

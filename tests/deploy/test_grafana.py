@@ -59,7 +59,7 @@ def test_dashboard_covers_each_concern(dashboard):
 
 
 def test_dashboard_shows_workers_and_replicas(dashboard):
-    """What the worker budget and the replica rotation do (README *Workers*, *Replicas*)."""
+    """What the worker budget and the replica rotation do (docs/user-guide.md *Workers*)."""
     shown = " ".join(queries(dashboard))
     for series in (
         "refit_warm_versions",

@@ -41,3 +41,9 @@ def test_relative_links_resolve(page: Path) -> None:
 def test_anchor_follows_github_rules() -> None:
     assert anchor("API reference: `refit.v1.Refit`") == "api-reference-refitv1refit"
     assert anchor("Retrain on your own classes") == "retrain-on-your-own-classes"
+
+
+def test_readme_is_a_short_contract() -> None:
+    """The README says what refit is and how to start; reference material lives in docs/."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) < 250, f"README.md has {len(lines)} lines; move reference into docs/"

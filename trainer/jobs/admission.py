@@ -1,6 +1,6 @@
 """What a retrain request must satisfy before it is queued, so that a job never waits in the
 queue only to fail on something the request already said: INVALID_ARGUMENT, naming the allowed
-range or the known names. README "Retrain requests" lists the same ranges.
+range or the known names. docs/user-guide.md *Retrain requests* lists the same ranges.
 """
 
 from __future__ import annotations
