@@ -177,6 +177,9 @@ def test_stock_tritonclient_infers_with_a_token(
     cat.write_bytes(cat_jpeg)
     answer = triton_infer(refit_service.port, PREDICT_TOKEN, coffee, cat)
     assert answer["live"] and len(answer["labels"]) == 2 and len(answer["labels"][0]) == 3
+    inputs, outputs = answer["metadata"]["inputs"], answer["metadata"]["outputs"]
+    assert [(t["name"], t["datatype"]) for t in inputs] == [("images", "BYTES")], inputs
+    assert [t["name"] for t in outputs] == ["labels", "scores", "class_indices"], outputs
     assert {"espresso", "cup", "coffee mug"} & set(answer["labels"][0]), answer
     without = triton_infer(refit_service.port, "", coffee)
     assert without["error"] == "StatusCode.UNAUTHENTICATED", without

@@ -20,11 +20,13 @@ def main(address: str, token: str, model: str, paths: list[str]) -> dict:
         tensor = triton.InferInput("images", list(images.shape), "BYTES")
         tensor.set_data_from_numpy(images)
         live = client.is_server_live(headers=headers)
+        metadata = client.get_model_metadata(model, headers=headers, as_json=True)
         result = client.infer(model, [tensor], headers=headers, parameters={"top_k": 3})
     except InferenceServerException as exc:
         return {"error": exc.status(), "message": exc.message()}
     labels = [[b.decode() for b in row] for row in result.as_numpy("labels")]
-    return {"live": live, "labels": labels, "scores": result.as_numpy("scores").tolist()}
+    scores = result.as_numpy("scores").tolist()
+    return {"live": live, "metadata": metadata, "labels": labels, "scores": scores}
 
 
 if __name__ == "__main__":
