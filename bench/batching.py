@@ -7,7 +7,7 @@ max_batch_delay D ms); the service's reconciler registers each with its own Torc
 Every concurrency level then runs all of them in interleaved rounds, through the public Predict
 API, on the same three photos, so drift in machine load hits each alike.
 
-To say where the gain comes from, it also times, in this process, the served TorchScript model's
+To say where the gain comes from, it also times, in this process, the served ONNX model's
 forward pass per image at batch 1 and at each batch size, and the handler's decode + preprocessing
 per image (work batching cannot share).
 
@@ -23,6 +23,7 @@ import statistics
 import time
 import zipfile
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 from predict_latency import Call, interleaved, jpeg, load
@@ -90,35 +91,38 @@ def caller(stack: RunningStack, model: str) -> Callable[[], Call]:
 
 
 def forward_costs(stack: RunningStack, sizes: list[int], images: list[bytes]) -> dict:
-    """Per-image milliseconds of the served model's forward pass at each batch size, and of the
-    handler's decode + preprocessing; measured here, with torch's default threads."""
+    """Per-image milliseconds of the served archive's forward pass (its ONNX Runtime session, the
+    threads a lone worker gets) at each batch size, and of its handler's decode + preprocessing."""
     import json
+    import tempfile
+    from types import SimpleNamespace
 
-    import torch
-
-    from trainer.serving.handler import META_FILE, decode, transform_for
+    from trainer.serving.onnx_handler import RefitOnnxClassifier
 
     store = StorageSettings(data_dir=stack.data_dir).open()
     archive = store.get("refit", Registry(store, "refit").get("imagenet", "1").archive_key)
-    with zipfile.ZipFile(io.BytesIO(archive)) as mar:
-        model = torch.jit.load(io.BytesIO(mar.read("model.pt"))).eval()
-        transform = transform_for(json.loads(mar.read(META_FILE)))
-    costs = {}
-    start, count = time.perf_counter(), 0
+    with tempfile.TemporaryDirectory() as tmp:
+        with zipfile.ZipFile(io.BytesIO(archive)) as mar:
+            mar.extractall(tmp)
+        manifest = json.loads((Path(tmp) / "MAR-INF" / "MANIFEST.json").read_text())
+        handler = RefitOnnxClassifier()
+        handler.initialize(SimpleNamespace(system_properties={"model_dir": tmp},
+                                           manifest=manifest, model_yaml_config={}))  # fmt: skip
+    rows = [{"data": image} for image in images]
+    costs, start, count = {}, time.perf_counter(), 0
     while time.perf_counter() - start < 2.0:
-        tensor = transform(decode(images[count % len(images)]))
+        batch, _ = handler.preprocess([rows[count % len(rows)]])
         count += 1
     costs["preprocess"] = 1000 * (time.perf_counter() - start) / count
-    with torch.inference_mode():
-        for size in sorted({1, *sizes}):
-            batch = tensor.unsqueeze(0).repeat(size, 1, 1, 1)
-            model(batch)  # warm-up
-            runs = []
-            for _ in range(5):
-                begin = time.perf_counter()
-                model(batch)
-                runs.append(1000 * (time.perf_counter() - begin) / size)
-            costs[size] = statistics.median(runs)
+    for size in sorted({1, *sizes}):
+        inputs = {handler.input_name: batch.repeat(size, axis=0)}
+        handler.model.run(None, inputs)  # warm-up
+        runs = []
+        for _ in range(5):
+            begin = time.perf_counter()
+            handler.model.run(None, inputs)
+            runs.append(1000 * (time.perf_counter() - begin) / size)
+        costs[size] = statistics.median(runs)
     return costs
 
 
