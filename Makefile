@@ -18,11 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	bash deploy/install-system-deps.sh
 	touch $@
 
-# Stock Open Inference Protocol client for tests/service/test_inference_protocol.py and the bench;
-# its own venv: tritonclient pins protobuf < 7, the project's generated code needs protobuf 7.
-.venv-oip/.installed:
+# The stock Open Inference Protocol clients the tests and the bench call refit with, in a venv of
+# their own (tests/service/oip_client/requirements.txt says why).
+.venv-oip/.installed: tests/service/oip_client/requirements.txt
 	python3 -m venv .venv-oip
-	.venv-oip/bin/pip install -q 'tritonclient[grpc]==2.73.0'
+	.venv-oip/bin/pip install -q -r $<
 	touch $@
 
 gen: $(VENV)/.installed
@@ -62,7 +62,8 @@ test-containers: install
 # Long measurements, never part of `make test`; figures go to docs/benchmarks.md.
 bench: install
 	$(PY) bench/predict_latency.py
-	$(PY) bench/predict_breakdown.py
+	$(PY) bench/frontdoor_cost.py
+	$(PY) bench/frontdoor_cost.py --breakdown
 	$(PY) bench/dataset_throughput.py
 	$(PY) bench/retrain_timing.py
 	$(PY) bench/epoch_data_cost.py

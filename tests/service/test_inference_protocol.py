@@ -24,6 +24,7 @@ from tests.service.conftest import PREDICT_TOKEN, connect
 Tensor = oip.ModelInferRequest.InferInputTensor
 OIP_PYTHON = Path(".venv-oip/bin/python")
 TRITON_SCRIPT = Path(__file__).parent / "oip_client" / "triton_infer.py"
+KSERVE_SCRIPT = Path(__file__).parent / "oip_client" / "kserve_infer.py"
 
 
 def raw(*elements: bytes) -> bytes:
@@ -160,10 +161,10 @@ def test_no_token_is_unauthenticated(refit_service: RefitServer, coffee_jpeg: by
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def triton_infer(port: int, token: str, *images: Path) -> dict:
-    """The stock tritonclient, in its own venv (it pins protobuf < 7)."""
+def triton_infer(port: int, token: str, *images: Path, script: Path = TRITON_SCRIPT) -> dict:
+    """A stock client (tritonclient's, or KServe's), in its own venv (it pins protobuf < 7)."""
     assert OIP_PYTHON.exists(), f"{OIP_PYTHON} is missing: `make install` creates it"
-    args = [str(OIP_PYTHON), str(TRITON_SCRIPT), f"127.0.0.1:{port}", token, "imagenet"]
+    args = [str(OIP_PYTHON), str(script), f"127.0.0.1:{port}", token, "imagenet"]
     done = subprocess.run([*args, *map(str, images)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -183,3 +184,15 @@ def test_stock_tritonclient_infers_with_a_token(
     assert {"espresso", "cup", "coffee mug"} & set(answer["labels"][0]), answer
     without = triton_infer(refit_service.port, "", coffee)
     assert without["error"] == "StatusCode.UNAUTHENTICATED", without
+
+
+def test_kserve_inference_grpc_client_infers_with_a_token(
+    refit_service: RefitServer, coffee_jpeg: bytes, cat_jpeg: bytes, tmp_path: Path
+) -> None:
+    coffee, cat = tmp_path / "coffee.jpg", tmp_path / "cat.jpg"
+    coffee.write_bytes(coffee_jpeg)
+    cat.write_bytes(cat_jpeg)
+    answer = triton_infer(refit_service.port, PREDICT_TOKEN, coffee, cat, script=KSERVE_SCRIPT)
+    assert [len(row) for row in answer["labels"]] == [3, 3], answer
+    assert {"espresso", "cup", "coffee mug"} & set(answer["labels"][0]), answer
+    assert len(answer["class_indices"][1]) == 3 and answer["scores"][0][0] > 0, answer

@@ -1,35 +1,37 @@
-"""Bad inputs tried against a running stack (service, TorchServe and trainer as their own
-processes, the embedded store): each case's RPC, input and the status the service returned,
-as the markdown table in docs/reliability.md "Bad inputs". Exits 1 when a status differs from
-the expected one, or when the service lost anything (models, versions, defaults) or stopped
-answering a good Predict.
-
-Usage: .venv/bin/python bench/bad_inputs.py
-"""
+"""Bad inputs against the service with a real TorchServe and trainer behind it: each case's RPC
+and input get the status docs/reliability.md "Bad inputs" lists, and afterwards no model, version
+or default changed and a good Predict still answers."""
 
 from __future__ import annotations
 
 import io
 import queue
 import struct
-import sys
+import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
+import pytest
 from google.protobuf.json_format import MessageToDict
 from PIL import Image
-from running_stack import RunningStack, running_stack
 from skimage import data
 
-from cli.client import ClientSettings, connect
-from local_stack.demo import dataset, upload
-from refit.storage import StorageSettings
+from local_stack.torchserve import TorchServeProcess
+from refit.storage import S3Store
 from refit.v1 import refit_pb2 as pb
 from refit.v1 import refit_pb2_grpc
+from service.server import RefitServer
+from tests.conftest import MotoServer
+from tests.service.conftest import PREDICT_TOKEN, connect, service_settings, start_service
+from tests.service.retraining import UNKNOWN_JOB, trainer_settings
+from tests.trainer.synthetic import upload_colours
+from trainer.server import TrainerServer, build_server
 
 Stub = refit_pb2_grpc.RefitStub
+MAX_STREAMS = 4
+pytestmark = pytest.mark.integration
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,10 @@ class Case:
     rpc: str
     what: str
     expected: str
-    call: Callable[[dict[str, Stub]], object]  # gets stubs by role: admin, predict, none, wrong
+    call: Callable[[dict], object]  # gets stubs by role (admin, predict, none, wrong) and more
+
+    def __str__(self) -> str:
+        return f"{self.rpc}: {self.what}"
 
 
 def jpeg(array) -> bytes:
@@ -65,7 +70,6 @@ def png_bomb(side: int = 30_000) -> bytes:
 
 
 COFFEE = jpeg(data.coffee())
-UNKNOWN_JOB = "job-20000101T000000-00000000"
 
 
 def predict(
@@ -158,7 +162,7 @@ def cases() -> list[Case]:
         Case("Retrain", "dataset bucket that does not exist", "INVALID_ARGUMENT",
              retrain(dataset_uri="s3://no-such-bucket/flowers")),
         Case("Retrain", "dataset prefix with no objects", "INVALID_ARGUMENT",
-             retrain(dataset_uri="s3://datasets/nothing-here")),
+             lambda s: retrain(dataset_uri=s["dataset"] + "-nothing-here")(s)),
         Case("Retrain", "epochs 100000", "INVALID_ARGUMENT", retrain(hp={"epochs": 100000})),
         Case("Retrain", "lr 5", "INVALID_ARGUMENT", retrain(hp={"lr": 5.0})),
         Case("Retrain", "batch_size 4096", "INVALID_ARGUMENT", retrain(hp={"batch_size": 4096})),
@@ -212,57 +216,70 @@ def one_stream_too_many(s: dict) -> object:
 
 
 def snapshot(stub: Stub) -> list[dict]:
-    models = stub.ListModels(pb.ListModelsRequest(), timeout=30).models
-    return [MessageToDict(m) for m in models]
+    return [MessageToDict(m) for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models]
 
 
-def run(stack: RunningStack) -> list[tuple[Case, str, str]]:
-    address = stack.address
-    stubs = {
-        "admin": Stub(connect(ClientSettings(address, token=stack.admin_token))),
-        "predict": Stub(connect(ClientSettings(address, token=stack.predict_token))),
-        "none": Stub(connect(ClientSettings(address))),
-        "wrong": Stub(connect(ClientSettings(address, token="x" * 43))),
+@pytest.fixture(scope="module")
+def dataset(moto_server: MotoServer) -> str:
+    store = S3Store(moto_server.settings)
+    return upload_colours(store, f"data-{uuid.uuid4().hex[:8]}", "colours", train=4, val=2)
+
+
+@pytest.fixture(scope="module")
+def trainer(
+    moto_server: MotoServer, refit_bucket: str, torchserve: TorchServeProcess, dataset: str
+) -> Iterator[TrainerServer]:
+    server = build_server(trainer_settings(moto_server, refit_bucket, torchserve, dataset))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def service(
+    moto_server: MotoServer, refit_bucket: str, torchserve: TorchServeProcess, trainer
+) -> Iterator[RefitServer]:
+    settings = service_settings(
+        moto_server, refit_bucket, torchserve, trainer_address=f"127.0.0.1:{trainer.port}",
+        max_streams=MAX_STREAMS,
+    )  # fmt: skip
+    refit = start_service(settings)
+    yield refit
+    refit.stop()
+
+
+@pytest.fixture(scope="module")
+def stubs(service: RefitServer, dataset: str) -> Iterator[dict]:
+    channels = {
+        "admin": connect(service.port),
+        "predict": connect(service.port, PREDICT_TOKEN),
+        "none": connect(service.port, ""),
+        "wrong": connect(service.port, "x" * 43),
     }
-    store = StorageSettings(data_dir=stack.data_dir).open()
-    _, train, _ = dataset(10, 1)
-    stubs["dataset"] = upload(store, "datasets", "colours", train)
-    stubs["max_streams"] = 16
-    before = snapshot(stubs["admin"])
-    results = []
-    for case in cases():
-        try:
-            answer = case.call(stubs)
-            status, detail = (answer, "") if isinstance(answer, str) else ("OK", "")
-        except grpc.RpcError as exc:
-            status, detail = exc.code().name, exc.details() or ""
-        results.append((case, status, detail))
-    after = snapshot(stubs["admin"])
-    good = stubs["predict"].Predict(pb.PredictRequest(image=COFFEE, model="imagenet"), timeout=30)
-    results.append((Case("ListModels", "after all of the above: unchanged", "OK", None),
-                    "OK" if after == before else "CHANGED", ""))  # fmt: skip
-    results.append((Case("Predict", "coffee.jpg after all of the above", "OK", None),
-                    "OK" if good.predictions[0].label == "espresso" else "WRONG", ""))  # fmt: skip
-    return results
+    yield {role: Stub(c) for role, c in channels.items()} | {
+        "dataset": dataset, "max_streams": MAX_STREAMS,
+    }  # fmt: skip
+    for channel in channels.values():
+        channel.close()
 
 
-def report(results: list[tuple[Case, str, str]]) -> int:
-    print("| # | RPC | input | status returned | message (start) |")
-    print("|---|---|---|---|---|")
-    failures = 0
-    for n, (case, status, detail) in enumerate(results, 1):
-        mark = "" if status == case.expected else f" (expected {case.expected})"
-        failures += bool(mark)
-        message = detail.replace("|", "\\|").replace("\n", " ")[:90]
-        print(f"| {n} | {case.rpc} | {case.what} | {status}{mark} | {message} |")
-    print(f"\n{len(results)} inputs, {failures} unexpected", file=sys.stderr)
-    return 1 if failures else 0
+@pytest.fixture(scope="module")
+def before(stubs: dict) -> list[dict]:
+    """The models as they were before any bad input."""
+    return snapshot(stubs["admin"])
 
 
-def main() -> int:
-    with running_stack(trainer=True) as stack:
-        return report(run(stack))
+@pytest.mark.parametrize("case", cases(), ids=str)
+def test_each_bad_input_gets_its_status(case: Case, stubs: dict, before: list[dict]) -> None:
+    try:
+        answer = case.call(stubs)
+        status = answer if isinstance(answer, str) else "OK"
+    except grpc.RpcError as exc:
+        status = exc.code().name
+    assert status == case.expected
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def test_after_them_nothing_changed_and_predict_answers(stubs: dict, before: list[dict]) -> None:
+    assert snapshot(stubs["admin"]) == before
+    answer = stubs["predict"].Predict(pb.PredictRequest(image=COFFEE, model="imagenet"), timeout=30)
+    assert answer.predictions[0].label == "espresso"
