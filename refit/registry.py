@@ -19,7 +19,9 @@ from refit.lineage import Lineage
 from refit.storage import ObjectStore
 
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_MAX_BATCH_DELAY_MS = 5
+# With ONNX Runtime in the worker, a 2 ms wait fills batches as well as 5 ms did at concurrency 8
+# and costs a lone request 5 ms less (bench/batching.py, docs/benchmarks.md *Dynamic batching*).
+DEFAULT_MAX_BATCH_DELAY_MS = 2
 MAX_BATCH_SIZE = 256
 MAX_BATCH_DELAY_MS = 1000
 
