@@ -117,6 +117,14 @@ class TorchServeClient:
                     f"TorchServe's queue for {model} v{version} is full (job_queue_size="
                     f"{served.job_queue_size}); retry with backoff"
                 ) from exc
+            except RefitError as exc:
+                # Past the deadline TorchServe may end the stream (CANCELLED) before the
+                # client's own timer reads DEADLINE_EXCEEDED: it is the deadline all the same.
+                if time.monotonic() < deadline or isinstance(exc, DeadlineExceeded):
+                    raise
+                raise DeadlineExceeded(
+                    f"TorchServe did not answer predict for {model} v{version} in time ({exc})"
+                ) from exc
             return json.loads(response.prediction)
         raise AssertionError("unreachable")
 

@@ -82,6 +82,9 @@ def service_process(
         **os.environ,
         "REFIT_GRPC_ADDRESS": f"127.0.0.1:{port}",
         "REFIT_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+        # Never the default 50054: it lies in the ephemeral range, where a client socket of
+        # another test can hold it.
+        "REFIT_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}",
         "REFIT_TORCHSERVE_INFERENCE": f"127.0.0.1:{ts.ports.grpc_inference}",
         "REFIT_TORCHSERVE_MANAGEMENT": f"127.0.0.1:{ts.ports.grpc_management}",
         "REFIT_TORCHSERVE_KEYS": ts.keys,

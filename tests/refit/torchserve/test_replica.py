@@ -8,7 +8,7 @@ from concurrent import futures
 
 import grpc
 
-from refit.errors import Unavailable
+from refit.errors import DeadlineExceeded, RefitError, Unavailable
 from refit.netutil import free_port
 from refit.torchserve import TorchServeClient
 from refit.torchserve_api import inference_pb2, inference_pb2_grpc
@@ -54,3 +54,25 @@ def test_a_predict_cut_by_the_replica_leaving_is_unavailable_so_it_is_retried() 
         client.close()
         server.stop(0)
     assert len(outcome) == 1 and isinstance(outcome[0], Unavailable), outcome
+
+
+class CancelledPastTheDeadline:
+    """A replica whose stream ends CANCELLED once the caller's deadline has passed, as
+    TorchServe's does when the grpc-timeout it was sent runs out first."""
+
+    def predict(self, request: object, timeout_s: float) -> object:
+        time.sleep(timeout_s + 0.05)
+        raise RefitError("TorchServe predict failed for m v1: CANCELLED Stream removed")
+
+
+def test_a_predict_cancelled_past_its_deadline_is_deadline_exceeded(monkeypatch) -> None:
+    client = TorchServeClient(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    monkeypatch.setattr(client, "_in_turn", lambda: [CancelledPastTheDeadline()])
+    try:
+        client.predict("m", "1", b"image", 5, timeout_s=0.05)
+    except DeadlineExceeded as exc:
+        assert "m v1" in str(exc), exc
+    else:
+        raise AssertionError("no DeadlineExceeded")
+    finally:
+        client.close()
