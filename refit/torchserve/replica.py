@@ -317,8 +317,10 @@ class ReplicaClient:
             except KeyRefused as exc:
                 if not self._retry_with_new_keys(keys, exc, attempt):
                     raise
-            except RefitError as exc:
-                if self.closed:  # grpc cancelled the call: the replica left the targets' answer
+            except (RefitError, ValueError) as exc:
+                # The replica left the targets' answer and its channels were closed: grpc
+                # cancels calls in flight, and one started just after raises ValueError.
+                if self.closed:
                     raise Unavailable(f"TorchServe at {self.name} left during {call} for "
                                       f"{subject}; retry") from exc  # fmt: skip
                 raise

@@ -76,3 +76,19 @@ def test_a_predict_cancelled_past_its_deadline_is_deadline_exceeded(monkeypatch)
         raise AssertionError("no DeadlineExceeded")
     finally:
         client.close()
+
+
+def test_a_predict_on_a_replica_that_already_left_is_unavailable() -> None:
+    """Chosen just before the replica left, the call meets closed channels (grpc: ValueError)."""
+    client = TorchServeClient(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    replica = client.replicas()[0]
+    replica.close()
+    request = inference_pb2.PredictionsRequest(model_name="m", model_version="1")
+    try:
+        replica.predict(request, 1.0)
+    except Unavailable as exc:
+        assert "left" in str(exc), exc
+    else:
+        raise AssertionError("no Unavailable")
+    finally:
+        client.close()
